@@ -1,0 +1,192 @@
+"""Classifiers as data: logistic regression and ReLU MLPs, stored as plain JSON.
+
+A classifier standardizes its inputs (``(x - mean) / scale``), computes a logit, and
+accepts an individual when ``sigmoid(logit) >= threshold``. The same definition serves
+the numpy forward pass (verification, grid search) and the MILP formulation, which reads
+the weights and the per-neuron interval bounds computed here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from models.expressions import logit as logit_of
+from models.expressions import sigmoid
+
+FloatArray = npt.NDArray[np.float64]
+SCHEMA_VERSION = 1
+# scikit-learn can leave denormal weights (1e-221) that upset MILP solvers' tolerances.
+_NEGLIGIBLE_WEIGHT = 1e-12
+
+
+class ClassifierFileError(ValueError):
+    """A classifier document breaks a rule; the message names the field and the value."""
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    """An affine layer ``z = a @ weights + bias`` (``weights`` is inputs x outputs)."""
+
+    weights: FloatArray
+    bias: FloatArray
+
+
+@dataclass(frozen=True, eq=False)
+class Classifier:
+    """A standardized-input classifier: logistic regression (one layer) or a ReLU MLP.
+
+    ``layers`` are applied in order with ReLU between them; the last layer has one output,
+    the logit. Logistic regression is the case of a single layer.
+    """
+
+    kind: str  # "lr" or "mlp"
+    feature_names: tuple[str, ...]
+    mean: FloatArray
+    scale: FloatArray
+    layers: tuple[Layer, ...]
+    threshold: float = 0.5
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    # -- numerics -----------------------------------------------------------------------
+
+    @property
+    def logit_threshold(self) -> float:
+        return float(logit_of(self.threshold))
+
+    def logit(self, x: FloatArray) -> FloatArray:
+        """Logits of rows ``x`` (features in :attr:`feature_names` order)."""
+        a = (np.atleast_2d(x) - self.mean) / self.scale
+        for layer in self.layers[:-1]:
+            a = np.maximum(a @ layer.weights + layer.bias, 0.0)
+        last = self.layers[-1]
+        return (a @ last.weights + last.bias)[:, 0]
+
+    def probability(self, x: FloatArray) -> FloatArray:
+        return np.asarray(sigmoid(self.logit(x)))
+
+    def accepts(self, x: FloatArray) -> npt.NDArray[np.bool_]:
+        return self.probability(x) >= self.threshold
+
+    def preactivation_bounds(
+        self, lower: FloatArray, upper: FloatArray
+    ) -> list[tuple[FloatArray, FloatArray]]:
+        """Interval bounds of every layer's pre-activations over the input box.
+
+        Inputs are raw features; one (lower, upper) pair per layer, the last being the logit.
+        Works on a single box (1-d arrays) or a batch of boxes (2-d).
+        """
+        lo = (np.asarray(lower, dtype=float) - self.mean) / self.scale
+        hi = (np.asarray(upper, dtype=float) - self.mean) / self.scale
+        bounds = []
+        for position, layer in enumerate(self.layers):
+            positive, negative = np.maximum(layer.weights, 0), np.minimum(layer.weights, 0)
+            z_lo = lo @ positive + hi @ negative + layer.bias
+            z_hi = hi @ positive + lo @ negative + layer.bias
+            bounds.append((z_lo, z_hi))
+            if position < len(self.layers) - 1:
+                lo, hi = np.maximum(z_lo, 0.0), np.maximum(z_hi, 0.0)
+        return bounds
+
+    # -- storage ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": self.kind,
+            "feature_names": list(self.feature_names),
+            "threshold": self.threshold,
+            "scaler": {"mean": self.mean.tolist(), "scale": self.scale.tolist()},
+            "layers": [
+                {"weights": layer.weights.tolist(), "bias": layer.bias.tolist()}
+                for layer in self.layers
+            ],
+            "metadata": dict(self.metadata),
+        }
+
+    def content_hash(self) -> str:
+        """SHA-256 of the weights, scaler, features and threshold (not the metadata)."""
+        data = self.to_dict()
+        data.pop("metadata")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Classifier:
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ClassifierFileError(
+                f"The classifier's 'schema_version' must be {SCHEMA_VERSION}. "
+                f"Got {data.get('schema_version')!r} instead."
+            )
+        kind = data.get("kind")
+        if kind not in ("lr", "mlp"):
+            raise ClassifierFileError(f"The classifier's 'kind' must be 'lr' or 'mlp'. Got {kind!r}.")
+        names = data.get("feature_names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ClassifierFileError("The classifier's 'feature_names' must be a list of names.")
+        scaler = data.get("scaler", {})
+        mean = _array(scaler.get("mean"), "scaler.mean", (len(names),))
+        scale = _array(scaler.get("scale"), "scaler.scale", (len(names),))
+        if np.any(scale <= 0):
+            raise ClassifierFileError("The classifier's 'scaler.scale' must be positive.")
+        raw_layers = data.get("layers")
+        if not isinstance(raw_layers, list) or not raw_layers:
+            raise ClassifierFileError("The classifier's 'layers' must be a non-empty list.")
+        layers = []
+        width = len(names)
+        for i, raw in enumerate(raw_layers):
+            weights = np.atleast_2d(_array(raw.get("weights"), f"layers[{i}].weights", None))
+            if weights.shape[0] != width:
+                raise ClassifierFileError(
+                    f"The classifier's 'layers[{i}].weights' must have {width} rows. "
+                    f"Got shape {weights.shape} instead."
+                )
+            bias = _array(raw.get("bias"), f"layers[{i}].bias", (weights.shape[1],))
+            layers.append(Layer(_clean(weights), _clean(bias)))
+            width = weights.shape[1]
+        if width != 1:
+            raise ClassifierFileError(f"The classifier's last layer must have 1 output, not {width}.")
+        if kind == "lr" and len(layers) != 1:
+            raise ClassifierFileError("A classifier of kind 'lr' must have exactly one layer.")
+        threshold = float(data.get("threshold", 0.5))
+        if not 0 < threshold < 1:
+            raise ClassifierFileError(f"The classifier's 'threshold' must be in (0, 1). Got {threshold}.")
+        return cls(kind, tuple(names), mean, scale, tuple(layers), threshold, data.get("metadata", {}))
+
+    @classmethod
+    def from_json(cls, text: str) -> Classifier:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ClassifierFileError(f"The classifier file is not valid JSON: {exc}.") from None
+
+    def check_features(self, names: Sequence[str]) -> None:
+        """Raise unless this classifier reads exactly ``names``, in that order."""
+        if tuple(names) != self.feature_names:
+            raise ClassifierFileError(
+                f"The classifier reads features {list(self.feature_names)}, but the causal model "
+                f"has {list(names)}; they must match in name and order."
+            )
+
+
+def _array(value: Any, where: str, shape: tuple[int, ...] | None) -> FloatArray:
+    try:
+        array = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ClassifierFileError(f"The classifier's {where!r} must be numbers.") from None
+    if shape is not None and array.shape != shape:
+        raise ClassifierFileError(
+            f"The classifier's {where!r} must have shape {shape}. Got {array.shape} instead."
+        )
+    if not np.all(np.isfinite(array)):
+        raise ClassifierFileError(f"The classifier's {where!r} holds NaN or infinite values.")
+    return array
+
+
+def _clean(array: FloatArray) -> FloatArray:
+    return np.where(np.abs(array) < _NEGLIGIBLE_WEIGHT, 0.0, array)

@@ -1,0 +1,160 @@
+"""Brute-force grid search over actions: CARMA's M* oracle, and the engine's incumbent.
+
+Every combination of "leave it" or one of ``values_per_feature`` evenly spaced values per
+feature this person may act on is simulated through the causal model and the classifier
+in numpy batches; the cheapest valid one is kept. With 15 values per feature this is the
+oracle of CARMA's paper (only optimal on its grid); with a few values and a line search
+it gives the exact engine a cheap valid action whose cost bounds the search box.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.classifiers import Classifier
+from models.costs import CostProfile
+from models.preferences import PersonConstraints
+from models.scm import StructuralCausalModel, VariableType
+from solver.milp import BoolArray, FloatArray
+
+_CHUNK = 50_000
+
+
+@dataclass(frozen=True)
+class GridAction:
+    intervene: BoolArray
+    values: FloatArray
+    cost: float
+    candidates: int
+    """How many actions were simulated."""
+
+
+def grid_search(
+    scm: StructuralCausalModel,
+    classifier: Classifier,
+    cost: CostProfile,
+    x: FloatArray,
+    noise: FloatArray,
+    constraints: PersonConstraints,
+    ranges: dict[str, tuple[float, float]],
+    *,
+    values_per_feature: int = 15,
+    logit_margin: float = 0.0,
+    refine: bool = False,
+) -> GridAction | None:
+    """The cheapest valid action on the grid, or None when no grid point is valid.
+
+    ``ranges`` holds, per feature this person may act on, the interval of values they may
+    set (bounds and direction already applied). Valid means ``logit >= logit(threshold) +
+    logit_margin``. ``refine`` adds a line search between the factual row and the best
+    grid action (cheap, and usually much closer to the optimum).
+    """
+    names = [name for name in scm.names if name in ranges]
+    options = []
+    for name in names:
+        lo, hi = ranges[name]
+        grid = np.linspace(lo, hi, values_per_feature)
+        if scm.variables[scm.index[name]].type is not VariableType.CONTINUOUS:
+            grid = np.unique(np.round(grid))
+        options.append([np.nan, *grid])  # nan: leave the feature alone
+    columns = [scm.index[name] for name in names]
+    threshold = classifier.logit_threshold + logit_margin
+    best: GridAction | None = None
+    simulated = 0
+    for chunk in _chunks(itertools.product(*options), _CHUNK) if options else []:
+        table = np.array(chunk, dtype=float).reshape(len(chunk), len(names))
+        intervene = np.zeros((len(chunk), scm.num_features), dtype=bool)
+        values = np.zeros((len(chunk), scm.num_features))
+        intervene[:, columns] = ~np.isnan(table)
+        values[:, columns] = np.nan_to_num(table)
+        if constraints.max_changes is not None:
+            keep = intervene.sum(axis=1) <= constraints.max_changes
+            intervene, values = intervene[keep], values[keep]
+        simulated += len(intervene)
+        best = _better(best, _cheapest_valid(scm, classifier, cost, x, noise, constraints,
+                                             intervene, values, threshold, simulated))
+    if best is not None and refine:
+        best = _line_search(scm, classifier, cost, x, noise, constraints, best, threshold, ranges)
+    return best
+
+
+def _cheapest_valid(
+    scm: StructuralCausalModel,
+    classifier: Classifier,
+    cost: CostProfile,
+    x: FloatArray,
+    noise: FloatArray,
+    constraints: PersonConstraints,
+    intervene: BoolArray,
+    values: FloatArray,
+    threshold: float,
+    simulated: int,
+) -> GridAction | None:
+    if len(intervene) == 0:
+        return None
+    rows = np.broadcast_to(x, intervene.shape)
+    counterfactual = scm.propagate_counterfactual(
+        rows, intervene, values, np.broadcast_to(noise, intervene.shape)
+    )
+    valid = classifier.logit(counterfactual) >= threshold
+    if not valid.any():
+        return None
+    costs = np.where(valid, cost.cost(scm.names, x, intervene, values, constraints), np.inf)
+    i = int(np.argmin(costs))
+    return GridAction(intervene[i].copy(), values[i].copy(), float(costs[i]), simulated)
+
+
+def _line_search(
+    scm: StructuralCausalModel,
+    classifier: Classifier,
+    cost: CostProfile,
+    x: FloatArray,
+    noise: FloatArray,
+    constraints: PersonConstraints,
+    action: GridAction,
+    threshold: float,
+    ranges: dict[str, tuple[float, float]],
+) -> GridAction:
+    """Shrink the action towards the factual row, and each feature alone, keeping validity."""
+    best = action
+    steps = np.linspace(0.0, 1.0, 33)
+    for _ in range(2):
+        acted = np.flatnonzero(best.intervene)
+        # Scale all changes together, then each changed feature on its own.
+        directions = [acted, *([k] for k in acted)]
+        candidates = []
+        for features in directions:
+            values = np.repeat(best.values[None, :], len(steps), axis=0)
+            values[:, features] = x[features] + steps[:, None] * (best.values[features] - x[features])
+            candidates.append(values)
+        values = np.concatenate(candidates)
+        intervene = np.repeat(best.intervene[None, :], len(values), axis=0)
+        for k in acted:
+            # A person's range need not contain their current value: stay inside it.
+            lo, hi = ranges[scm.names[k]]
+            values[:, k] = np.clip(values[:, k], lo, hi)
+            if scm.variables[k].type is not VariableType.CONTINUOUS:
+                values[:, k] = np.round(values[:, k])
+        found = _cheapest_valid(
+            scm, classifier, cost, x, noise, constraints, intervene, values, threshold,
+            best.candidates + len(values),
+        )
+        best = _better(best, found)
+    return best
+
+
+def _better(a: GridAction | None, b: GridAction | None) -> GridAction | None:
+    if a is None:
+        return b
+    if b is None:
+        return GridAction(a.intervene, a.values, a.cost, a.candidates)
+    winner = b if b.cost < a.cost else a
+    return GridAction(winner.intervene, winner.values, winner.cost, max(a.candidates, b.candidates))
+
+
+def _chunks(iterable: itertools.product, size: int):  # type: ignore[type-arg]
+    while chunk := list(itertools.islice(iterable, size)):
+        yield chunk
