@@ -294,6 +294,9 @@ class RecourseFormulation:
         self.actionable = scm.actionable
         self.reachable = [n for n in scm.names if n in scm.descendants(self.actionable)]
         self.approximated: list[ApproximatedTerm] = []
+        # Equations of non-actionable features that are affine in counterfactual values:
+        # the classifier's bounds keep these features tied to their parents.
+        self._affine_equations: dict[str, LinearForm] = {}
         self.template = MILPTemplate()
         self._build()
         self.template.freeze()
@@ -355,6 +358,8 @@ class RecourseFormulation:
         x = self.x_col[name]
         if var.role is not Role.ACTIONABLE:
             t.add_linear_row(f"equation[{name}]", form.scaled(-1.0), {x: 1.0}, 0.0, 0.0)
+            if set(form.terms) <= set(self.x_col.values()):
+                self._affine_equations[name] = form
             return
         m = self.m_col[name]
         neg = form.scaled(-1.0)
@@ -762,8 +767,6 @@ class RecourseFormulation:
                 ilo, ihi = intervention[var.name]
                 lo, hi = min(lo, ilo), max(hi, ihi)
             box[var.name] = (float(lo), float(hi))
-        lower = np.array([box[n][0] for n in self.classifier.feature_names])
-        upper = np.array([box[n][1] for n in self.classifier.feature_names])
         ctx = PersonContext(
             x=x,
             noise=np.asarray(noise, dtype=float),
@@ -772,16 +775,104 @@ class RecourseFormulation:
             box=box,
             natural=natural,
             nodes=nodes,
-            neuron_bounds=self.classifier.preactivation_bounds(lower, upper),
+            neuron_bounds=[],
             cost_budget=cost_budget,
             margin=self.margin if margin is None else margin,
         )
+        ctx.neuron_bounds = self._neuron_bounds(ctx)
         if self.cost.kind == "carma":
             for k in self.actionable:
                 j = scm.index[k]
                 lo, hi = box[k]
                 ctx.tangent_points[k] = np.linspace(lo - x[j], hi - x[j], self.tangents)
         return ctx
+
+    def _neuron_bounds(self, ctx: PersonContext) -> list[tuple[FloatArray, FloatArray]]:
+        """Classifier bounds over this person's counterfactuals, inputs written as x = P y + q.
+
+        y holds one coordinate per actionable feature and per non-actionable one whose
+        equation is not affine, each within its box; affine non-actionable features are
+        expressed through their parents; features outside R are constants.
+        """
+        names = self.classifier.feature_names
+        column_name = {col: name for name, col in self.x_col.items()}
+        free = [n for n in self.reachable if n not in self._affine_equations]
+        rows: dict[str, tuple[FloatArray, float]] = {}
+        for name in self.reachable:
+            if name in self._affine_equations:
+                form = self._affine_equations[name]
+                row, offset = np.zeros(len(free)), _value(form.const, ctx)
+                for col, coef in form.terms.items():
+                    parent_row, parent_offset = rows[column_name[col]]
+                    value = _value(coef, ctx)
+                    row, offset = row + value * parent_row, offset + value * parent_offset
+                rows[name] = (row, offset)
+            else:
+                row = np.zeros(len(free))
+                row[free.index(name)] = 1.0
+                rows[name] = (row, 0.0)
+        P = np.zeros((len(names), len(free)))
+        q = np.zeros(len(names))
+        for i, name in enumerate(names):
+            if name in rows:
+                P[i], q[i] = rows[name]
+            else:
+                q[i] = ctx.box[name][0]
+        lower = np.array([ctx.box[n][0] for n in free])
+        upper = np.array([ctx.box[n][1] for n in free])
+        linear_range = None
+        if ctx.cost_budget is not None:
+            linear_range = self._budget_range(ctx, free, lower, upper)
+        return self.classifier.preactivation_bounds_affine(P, q, lower, upper, linear_range)
+
+    def _budget_range(
+        self, ctx: PersonContext, free: list[str], lower: FloatArray, upper: FloatArray
+    ) -> Callable[[FloatArray], tuple[FloatArray, FloatArray]]:
+        """Range of G @ y over the box cut by the cost budget C0.
+
+        A feature whose parents no action can reach sits at its factual value unless acted
+        on, and then pays for its whole change, so the changes of such features share the
+        budget: for the L1 cost ``sum_k a_k |delta_k| <= C0`` (maximising a linear function
+        over it within the box is a fractional knapsack); for the squared cost
+        ``sum_k a_k delta_k^2 <= C0`` (an ellipsoid, and the box). Other coordinates keep
+        their box.
+        """
+        reachable = set(self.reachable)
+        roots = np.array([
+            name in self.actionable
+            and not set(self.scm.variables[self.scm.index[name]].parents) & reachable
+            for name in free
+        ])
+        factual = np.array([ctx.x[self.scm.index[n]] for n in free])
+        rate = np.array([
+            self.cost.coefficient(n, ctx.constraints.weight(n)) if root else 1.0
+            for n, root in zip(free, roots, strict=True)
+        ])
+        budget = float(ctx.cost_budget or 0.0) * (1 + 1e-7) + 1e-9
+        room_up = np.where(roots, upper - factual, 0.0)
+        room_down = np.where(roots, factual - lower, 0.0)
+
+        def maximum(G: FloatArray) -> FloatArray:
+            others = np.where(roots, 0.0, np.maximum(G, 0) * upper + np.minimum(G, 0) * lower)
+            base = others.sum(axis=1) + (G * np.where(roots, factual, 0.0)).sum(axis=1)
+            room = np.where(G > 0, room_up, room_down) * roots
+            gain = np.abs(G) * roots
+            if self.cost.kind == "carma":
+                box = (gain * room).sum(axis=1)
+                ball = np.sqrt(budget * (gain**2 / rate).sum(axis=1))
+                return base + np.minimum(box, ball)
+            # Fractional knapsack: spend the budget on the best gain per unit of cost first.
+            order = np.argsort(-gain / rate, axis=1)
+            gain_sorted = np.take_along_axis(gain, order, axis=1)
+            room_sorted = np.take_along_axis(room, order, axis=1)
+            full_cost = room_sorted * np.take_along_axis(np.broadcast_to(rate, G.shape), order, axis=1)
+            spent_before = np.cumsum(full_cost, axis=1) - full_cost
+            fraction = np.clip(
+                (budget - spent_before) / np.where(full_cost > 0, full_cost, 1.0), 0.0, 1.0
+            )
+            return base + (gain_sorted * room_sorted * fraction).sum(axis=1)
+
+        return lambda G: (-maximum(-G), maximum(G))
 
     def _bound_extra_nodes(self, equation: Expr, env: Mapping[str, Interval], nodes: dict[int, Interval]) -> None:
         # Nodes the linearization created (folded max/min pairs, -a inside abs) are not in

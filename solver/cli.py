@@ -1,0 +1,904 @@
+"""The ``recourse`` command line: parse a person and their constraints, solve, explain.
+
+Three commands: ``solve`` (one person's optimal, verified recourse, as text or JSON),
+``backends`` (which solver backends this installation can run) and ``train-classifier``
+(retrain the built-in classifiers). The CLI parses, calls the engine and prints; every
+rule about people, constraints and costs lives in ``models`` and ``solver``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from instances import CLASSIFIER_KINDS, DATASETS, classifier_path, load_classifier, load_scm
+from models.classifiers import Classifier, ClassifierFileError
+from models.costs import COST_KINDS, CostProfile
+from models.preferences import PersonConstraints, PreferenceError, parse_constraints
+from models.scm import ModelFileError, StructuralCausalModel, Variable, VariableType
+from models.training import train_classifier
+from solver.backends import DEFAULT_BACKEND, backend_class, backend_names
+from solver.backends.base import BackendUnavailableError
+from solver.engine import EngineOptions, RecourseSolver
+from solver.milp import SolverSettings, SolveStatus
+from solver.result import RecourseResult
+
+EXIT_RECOURSE = 0
+"""Recourse found (optimal and verified), or the person is already accepted."""
+EXIT_USAGE = 2
+"""Bad command line or bad input file (click's own usage errors exit 2 too)."""
+EXIT_NO_RECOURSE = 3
+"""Proven infeasible: no action within the person's constraints gets them accepted."""
+EXIT_SOLVER_FAILURE = 4
+"""The solver failed, returned an unknown status, or the backend is not available."""
+EXIT_TIME_LIMIT = 5
+"""The time limit was reached: the best action found is printed, not proven optimal."""
+EXIT_UNVERIFIED = 6
+"""The answer failed verification against the exact causal model; printed with the reasons."""
+
+POPULATION_SEED = 20241
+"""Seed of the built-in population that ``--index`` picks people from."""
+POPULATION_SIZE = 10_000
+"""Individuals sampled from the causal model for the built-in population."""
+
+INSTANCE_SCHEMA_VERSION = 1
+INSTANCE_KEYS = ("schema_version", "dataset", "classifier", "individual", "constraints", "cost")
+COST_KEYS = ("profile", "sparsity")
+DEFAULT_DATASET = "loan"
+DEFAULT_CLASSIFIER = "mlp"
+DEFAULT_COST = "l1"
+
+# Relative tolerance under which a counterfactual value counts as unchanged.
+_UNCHANGED = 1e-9
+
+
+class InputError(click.ClickException):
+    """Bad input data (an instance file, a constraint, a model file): exit 2, no traceback."""
+
+    exit_code = EXIT_USAGE
+
+
+class SolverFailure(click.ClickException):
+    """A backend that cannot run here: exit 4."""
+
+    exit_code = EXIT_SOLVER_FAILURE
+
+
+_EXIT_CODE_HELP = f"""\
+Exit codes:
+
+\b
+  {EXIT_RECOURSE}  recourse found (optimal and verified), or already accepted
+  {EXIT_USAGE}  usage error or bad input (unknown feature, invalid file, ...)
+  {EXIT_NO_RECOURSE}  no recourse exists under the person's constraints (infeasible)
+  {EXIT_SOLVER_FAILURE}  solver failure (error or unknown status, backend unavailable)
+  {EXIT_TIME_LIMIT}  time limit reached: best action printed, not proven optimal
+  {EXIT_UNVERIFIED}  the answer failed verification (printed anyway, with the failures)
+"""
+
+
+@click.group(
+    help="Exact, verified, personalized causal algorithmic recourse.\n\n" + _EXIT_CODE_HELP
+)
+def main() -> None:
+    """The ``recourse`` command group."""
+
+
+# -- the person to solve for -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Everything ``solve`` needs, before the causal model and classifier are loaded.
+
+    ``person`` is an individual's features (from an instance file) or the index of a
+    rejected person of the built-in population. ``constraints`` is the raw document that
+    :func:`models.preferences.parse_constraints` validates.
+    """
+
+    dataset: str
+    classifier: str
+    who: str
+    """The person, as error messages name them."""
+    source: str
+    """Where the person comes from, as error messages name it."""
+    person: Mapping[str, Any] | int
+    constraints: dict[str, Any] = field(default_factory=dict)
+    cost: str = DEFAULT_COST
+    sparsity: float = 0.0
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line flags that change an instance (``None``/empty: keep the file's)."""
+
+    dataset: str | None = None
+    classifier: str | None = None
+    locks: tuple[str, ...] = ()
+    rank: list[str] | None = None
+    score: dict[str, float] | None = None
+    bounds: dict[str, list[float | None]] = field(default_factory=dict)
+    directions: dict[str, str] = field(default_factory=dict)
+    max_changes: int | None = None
+    cost: str | None = None
+    sparsity: float | None = None
+
+
+def read_instance(path: Path) -> Instance:
+    """Read and check an instance document (the fields ``solve``'s help describes)."""
+    where = f"the instance file {path.name}"
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{_capitalized(where)} is not valid JSON: {exc}.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{_capitalized(where)} cannot be read: {exc}.") from None
+    if not isinstance(document, Mapping):
+        raise InputError(
+            f"{_capitalized(where)} must hold a JSON object. Got {type(document).__name__}."
+        )
+    _check_keys(document, INSTANCE_KEYS, where)
+    version = document.get("schema_version")
+    if version != INSTANCE_SCHEMA_VERSION or isinstance(version, bool):
+        raise InputError(
+            f"The 'schema_version' of {where} must be {INSTANCE_SCHEMA_VERSION}. "
+            f"Got {version!r} instead."
+        )
+    dataset = _choice(document, "dataset", DATASETS, where, default=None)
+    classifier = _choice(document, "classifier", CLASSIFIER_KINDS, where, DEFAULT_CLASSIFIER)
+    individual = document.get("individual")
+    if not isinstance(individual, Mapping):
+        raise InputError(
+            f"The 'individual' of {where} must be an object {{feature: value}}. "
+            f"Got {individual!r} instead."
+        )
+    constraints = document.get("constraints", {})
+    if not isinstance(constraints, Mapping):
+        raise InputError(
+            f"The 'constraints' of {where} must be an object. Got {constraints!r} instead."
+        )
+    cost = document.get("cost", {})
+    if not isinstance(cost, Mapping):
+        raise InputError(f"The 'cost' of {where} must be an object. Got {cost!r} instead.")
+    _check_keys(cost, COST_KEYS, f"the 'cost' of {where}")
+    return Instance(
+        dataset=dataset,
+        classifier=classifier,
+        who=f"the individual in {path.name}",
+        source=where,
+        person=dict(individual),
+        constraints=dict(constraints),
+        cost=_choice(cost, "profile", COST_KINDS, f"the 'cost' of {where}", DEFAULT_COST),
+        sparsity=_sparsity(cost.get("sparsity", 0.0), f"the 'cost.sparsity' of {where}"),
+    )
+
+
+def _check_keys(document: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    unknown = sorted(set(document) - set(allowed))
+    if unknown:
+        raise InputError(
+            f"{_capitalized(where)} has unknown keys {unknown}; allowed keys are {list(allowed)}."
+        )
+
+
+def _choice(
+    document: Mapping[str, Any],
+    key: str,
+    choices: Sequence[str],
+    where: str,
+    default: str | None,
+) -> str:
+    value = document.get(key, default)
+    if value not in choices:
+        raise InputError(
+            f"The '{key}' of {where} must be one of {list(choices)}. Got {value!r} instead."
+        )
+    return str(value)
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _sparsity(value: Any, where: str) -> float:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value >= 0):
+        raise InputError(
+            f"{_capitalized(where)} must be a finite number >= 0. Got {value!r} instead."
+        )
+    return float(value)
+
+
+def apply_overrides(instance: Instance, flags: Overrides) -> Instance:
+    """The instance with the command line's flags applied over the file's values.
+
+    Locks are added; ``--rank``/``--score`` replace the file's preferences; bounds and
+    directions are updated per feature; everything else is replaced.
+    """
+    raw = dict(instance.constraints)
+    if flags.locks:
+        existing = raw.get("lock", [])
+        if isinstance(existing, list):  # anything else: parse_constraints reports it
+            raw["lock"] = existing + [name for name in flags.locks if name not in existing]
+    if flags.rank is not None or flags.score is not None:
+        for key in ("rank", "score", "weights"):
+            raw.pop(key, None)
+        if flags.rank is not None:
+            raw["rank"] = flags.rank
+        if flags.score is not None:
+            raw["score"] = flags.score
+    for key, updates in (("bounds", flags.bounds), ("direction", flags.directions)):
+        existing = raw.get(key, {})
+        if updates and isinstance(existing, Mapping):
+            raw[key] = {**existing, **updates}
+    if flags.max_changes is not None:
+        raw["max_changes"] = flags.max_changes
+    return replace(
+        instance,
+        dataset=flags.dataset or instance.dataset,
+        classifier=flags.classifier or instance.classifier,
+        constraints=raw,
+        cost=flags.cost or instance.cost,
+        sparsity=instance.sparsity if flags.sparsity is None else flags.sparsity,
+    )
+
+
+def individual_row(
+    individual: Mapping[str, Any], scm: StructuralCausalModel, where: str
+) -> np.ndarray:
+    """The factual row of ``individual``: every feature, finite, in its domain and type."""
+    missing = [name for name in scm.names if name not in individual]
+    unknown = sorted(set(individual) - set(scm.names))
+    if missing or unknown:
+        problems = [
+            f"{label} {names}"
+            for label, names in (("missing", missing), ("unknown", unknown))
+            if names
+        ]
+        raise InputError(
+            f"The 'individual' of {where} must give a value for each feature {list(scm.names)}. "
+            f"Got {', '.join(problems)}."
+        )
+    x = np.array([_feature_value(var, individual[var.name], where) for var in scm.variables])
+    with np.errstate(all="ignore"):
+        noise = scm.abduct_noise(x[None, :])[0]
+    impossible = [name for name, u in zip(scm.names, noise, strict=True) if not np.isfinite(u)]
+    if impossible:
+        raise InputError(
+            f"The 'individual' of {where} cannot come from the causal model: no noise value "
+            f"reproduces {impossible} through their structural equations (a sigmoid, say, "
+            f"never reaches its limits). Move them strictly inside their range."
+        )
+    return x
+
+
+def _feature_value(var: Variable, value: Any, where: str) -> float:
+    field_name = f"'individual.{var.name}' of {where}"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InputError(f"The {field_name} must be a finite number. Got {value!r} instead.")
+    if not var.lower <= value <= var.upper:
+        raise InputError(
+            f"The {field_name} must lie in the feature's domain [{var.lower}, {var.upper}]. "
+            f"Got {value!r} instead."
+        )
+    if var.type is not VariableType.CONTINUOUS and value != round(value):
+        raise InputError(
+            f"The {field_name} must be a whole number ({var.type.value}). Got {value!r} instead."
+        )
+    return float(value)
+
+
+def rejected_population(scm: StructuralCausalModel, classifier: Classifier) -> np.ndarray:
+    """The people of the built-in seeded population that ``classifier`` rejects, in order."""
+    x, _ = scm.sample(POPULATION_SIZE, seed=POPULATION_SEED)
+    return x[~classifier.accepts(x)]
+
+
+def population_row(
+    index: int, scm: StructuralCausalModel, classifier: Classifier, kind: str
+) -> np.ndarray:
+    rejected = rejected_population(scm, classifier)
+    if index >= len(rejected):
+        raise click.BadParameter(
+            f"{index} is out of range: the {kind!r} classifier rejects {len(rejected)} of the "
+            f"{POPULATION_SIZE} people of the population (seed {POPULATION_SEED}); choose an "
+            f"index from 0 to {len(rejected) - 1}.",
+            param_hint="'--index'",
+        )
+    return rejected[index]
+
+
+# -- parsing flags -----------------------------------------------------------------------
+
+
+def _split_names(values: Sequence[str]) -> tuple[str, ...]:
+    """Repeatable, comma-separated feature names, in order, empty items dropped."""
+    return tuple(name.strip() for value in values for name in value.split(",") if name.strip())
+
+
+def _pair(text: str, option: str, example: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise click.BadParameter(
+            f"expects feature=value, like {example!r}. Got {text!r} instead.", param_hint=option
+        )
+    return name.strip(), value.strip()
+
+
+def _number(text: str, option: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{what} must be a number. Got {text!r} instead.", param_hint=option
+        ) from None
+
+
+def parse_rank(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    return None if value is None else list(_split_names([value]))
+
+
+def parse_score(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> dict[str, float] | None:
+    if value is None:
+        return None
+    scores = {}
+    for item in value.split(","):
+        name, score = _pair(item, "'--score'", "income=5,savings=2")
+        scores[name] = _number(score, "'--score'", f"the score of {name!r}")
+    return scores
+
+
+def parse_bounds(
+    ctx: click.Context, param: click.Parameter, values: Sequence[str]
+) -> dict[str, list[float | None]]:
+    bounds: dict[str, list[float | None]] = {}
+    for item in values:
+        name, interval = _pair(item, "'--bound'", "income=-1:5")
+        lower, sep, upper = interval.partition(":")
+        if not sep or ":" in upper:
+            raise click.BadParameter(
+                f"expects feature=lower:upper (an empty side is open, e.g. 'income=:5'). "
+                f"Got {item!r} instead.",
+                param_hint="'--bound'",
+            )
+        bounds[name] = [
+            None if not side.strip() else _number(side, "'--bound'", f"a bound of {name!r}")
+            for side in (lower, upper)
+        ]
+    return bounds
+
+
+def parse_directions(
+    ctx: click.Context, param: click.Parameter, values: Sequence[str]
+) -> dict[str, str]:
+    return dict(_pair(item, "'--direction'", "income=increase") for item in values)
+
+
+def check_export_path(
+    ctx: click.Context, param: click.Parameter, value: Path | None
+) -> Path | None:
+    if value is not None and value.suffix.lower() not in (".lp", ".mps"):
+        raise click.BadParameter(
+            f"must end in .lp or .mps. Got {str(value)!r} instead.", param_hint="'--export'"
+        )
+    return value
+
+
+# -- solve -------------------------------------------------------------------------------
+
+
+@main.command(epilog=_EXIT_CODE_HELP)
+@click.argument(
+    "instance_json",
+    required=False,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.option(
+    "--dataset",
+    type=click.Choice(DATASETS),
+    default=None,
+    help=f"Built-in causal model (default: the file's, else {DEFAULT_DATASET}).",
+)
+@click.option(
+    "--index",
+    type=click.IntRange(min=0),
+    help=f"Solve for the N-th (0-based) person the classifier rejects among "
+    f"{POPULATION_SIZE} people sampled from the causal model with seed {POPULATION_SEED}.",
+)
+@click.option(
+    "--classifier",
+    type=click.Choice(CLASSIFIER_KINDS),
+    default=None,
+    help=f"Built-in classifier (default: the file's, else {DEFAULT_CLASSIFIER}).",
+)
+@click.option(
+    "--lock",
+    "locks",
+    multiple=True,
+    help="Feature(s) this person cannot change; repeatable and/or comma-separated.",
+)
+@click.option("--rank", callback=parse_rank, help="Actionable features, easiest first: 'a,b,c'.")
+@click.option(
+    "--score",
+    callback=parse_score,
+    help="Ease of change per feature, 1 (very hard) to 5 (very easy): 'income=5,savings=2'.",
+)
+@click.option(
+    "--bound",
+    "bounds",
+    multiple=True,
+    callback=parse_bounds,
+    help="Range of a value the person sets, 'feature=lower:upper'; an empty side is open "
+    "('income=:5'). Repeatable.",
+)
+@click.option(
+    "--direction",
+    "directions",
+    multiple=True,
+    callback=parse_directions,
+    help="'feature=increase' or 'feature=decrease'. Repeatable.",
+)
+@click.option("--max-changes", type=click.IntRange(min=0), help="Most features an action may set.")
+@click.option(
+    "--cost",
+    type=click.Choice(COST_KINDS),
+    default=None,
+    help=f"Cost profile (default: the file's, else {DEFAULT_COST}).",
+)
+@click.option(
+    "--sparsity",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Extra cost per feature acted on (default: the file's, else 0).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(backend_names()),
+    default=DEFAULT_BACKEND,
+    show_default=True,
+    help="MILP solver backend.",
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help=f"Seconds per MILP solve (default {SolverSettings().time_limit:g}).",
+)
+@click.option(
+    "--margin",
+    type=click.FloatRange(min=0),
+    default=None,
+    help=f"Validity margin in logit units (default {EngineOptions().margin:g}).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+)
+@click.option(
+    "--export",
+    "export_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=check_export_path,
+    help="Also write this person's MILP to a .lp or .mps file.",
+)
+@click.pass_context
+def solve(
+    ctx: click.Context,
+    instance_json: Path | None,
+    dataset: str | None,
+    index: int | None,
+    classifier: str | None,
+    locks: tuple[str, ...],
+    rank: list[str] | None,
+    score: dict[str, float] | None,
+    bounds: dict[str, list[float | None]],
+    directions: dict[str, str],
+    max_changes: int | None,
+    cost: str | None,
+    sparsity: float | None,
+    backend: str,
+    time_limit: float | None,
+    margin: float | None,
+    output_format: str,
+    export_path: Path | None,
+) -> None:
+    """Find the cheapest action that gets one person accepted, and verify it.
+
+    The person is INSTANCE_JSON, a document {"schema_version": 1, "dataset": "loan",
+    "classifier": "mlp" | "lr", "individual": {feature: value, ...every feature},
+    "constraints": {"lock", "bounds", "direction", "max_changes", "rank" | "score" |
+    "weights", "soft_limits"}, "cost": {"profile": "l1" | "carma", "sparsity": 0}}, or
+    the --index-th rejected person of the built-in population. Flags override the file:
+    --lock adds locks, --rank/--score replace its preferences, --bound/--direction
+    update single features, the other flags replace its values.
+    """
+    if (instance_json is None) == (index is None):
+        raise click.UsageError("Give either INSTANCE_JSON or --index N (exactly one of them).")
+    if instance_json is not None:
+        instance = read_instance(instance_json)
+    else:
+        instance = Instance(
+            dataset=DEFAULT_DATASET,
+            classifier=DEFAULT_CLASSIFIER,
+            who=f"rejected individual {index}",
+            source=f"the built-in population (seed {POPULATION_SEED})",
+            person=index,
+        )
+    flags = Overrides(
+        dataset=dataset,
+        classifier=classifier,
+        locks=_split_names(locks),
+        rank=rank,
+        score=score,
+        bounds=bounds,
+        directions=directions,
+        max_changes=max_changes,
+        cost=cost,
+        sparsity=sparsity,
+    )
+    instance = apply_overrides(instance, flags)
+    problem = load_problem(instance)
+    settings = SolverSettings() if time_limit is None else SolverSettings(time_limit=time_limit)
+    options = EngineOptions() if margin is None else EngineOptions(margin=margin)
+    engine = make_engine(problem, backend, settings, options)
+    if export_path is not None:
+        export_milp(engine, problem, export_path)
+    with _stdout_to_stderr():
+        result = engine.solve(problem.x, problem.constraints)
+    if output_format == "json":
+        click.echo(json.dumps(result_document(result, problem), indent=2))
+    else:
+        click.echo(explain(result, problem))
+    ctx.exit(exit_code(result))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A loaded, validated instance: the models, the factual row and the constraints."""
+
+    instance: Instance
+    scm: StructuralCausalModel
+    classifier: Classifier
+    x: np.ndarray
+    constraints: PersonConstraints
+    cost: CostProfile
+
+
+def load_problem(instance: Instance) -> Problem:
+    """Load the models and check the person and constraints; bad input exits 2."""
+    try:
+        scm = load_scm(instance.dataset)
+        classifier = load_classifier(instance.dataset, instance.classifier)
+        classifier.check_features(scm.names)
+        if isinstance(instance.person, int):
+            x = population_row(instance.person, scm, classifier, instance.classifier)
+        else:
+            x = individual_row(instance.person, scm, instance.source)
+        constraints = parse_constraints(instance.constraints, scm, who=instance.who)
+        cost = CostProfile.for_model(instance.cost, scm, classifier, instance.sparsity)
+    except (PreferenceError, ModelFileError, ClassifierFileError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+    return Problem(instance, scm, classifier, x, constraints, cost)
+
+
+def make_engine(
+    problem: Problem, backend: str, settings: SolverSettings, options: EngineOptions
+) -> RecourseSolver:
+    try:
+        with _stdout_to_stderr():
+            return RecourseSolver(
+                problem.scm,
+                problem.classifier,
+                problem.cost,
+                backend=backend,
+                settings=settings,
+                options=options,
+            )
+    except BackendUnavailableError as exc:
+        raise SolverFailure(str(exc)) from None
+
+
+def export_milp(engine: RecourseSolver, problem: Problem, path: Path) -> None:
+    """Write the person's MILP (no incumbent box) as .lp or .mps."""
+    from solver.backends.pyomo import export_model  # imports Pyomo: only when asked
+
+    formulation = engine.formulation
+    milp = formulation.instantiate(formulation.context(problem.x, problem.constraints))
+    try:
+        export_model(milp, path)
+    except OSError as exc:
+        raise InputError(f"Cannot write the model to {str(path)!r}: {exc}.") from None
+    click.echo(
+        f"wrote the MILP ({milp.num_cols} columns, {milp.num_rows} rows) to {path}", err=True
+    )
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what native solver code writes to stdout (HiGHS's banner) to stderr instead.
+
+    Keeps ``--format json`` output parseable. Works on file descriptor 1, so it catches
+    C-level writes; a no-op when the process has no real stdout.
+    """
+    descriptors = _standard_descriptors()
+    if descriptors is None:
+        yield
+        return
+    stdout_fd, stderr_fd = descriptors
+    saved = os.dup(stdout_fd)
+    os.dup2(stderr_fd, stdout_fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # flush C stdio buffers; not on every platform
+            ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, stdout_fd)
+        os.close(saved)
+
+
+def _standard_descriptors() -> tuple[int, int] | None:
+    """The process's stdout and stderr descriptors, flushed; None without real ones."""
+    try:
+        streams = (sys.__stdout__, sys.__stderr__)
+        descriptors = tuple(stream.fileno() for stream in streams if stream is not None)
+        for stream in (sys.stdout, *streams):
+            if stream is not None:
+                stream.flush()
+    except (OSError, ValueError):  # e.g. an embedded interpreter without a console
+        return None
+    return (descriptors[0], descriptors[1]) if len(descriptors) == 2 else None
+
+
+def exit_code(result: RecourseResult) -> int:
+    """The process exit code for ``result`` (see the module constants)."""
+    if result.status is SolveStatus.INFEASIBLE:
+        return EXIT_NO_RECOURSE
+    if result.status in (SolveStatus.ERROR, SolveStatus.UNKNOWN):
+        return EXIT_SOLVER_FAILURE
+    if result.counterfactual is not None and not result.verified:
+        return EXIT_UNVERIFIED
+    if result.status is SolveStatus.TIME_LIMIT:
+        return EXIT_TIME_LIMIT
+    return EXIT_RECOURSE
+
+
+def result_document(result: RecourseResult, problem: Problem) -> dict[str, Any]:
+    """``result.to_dict()`` plus what was solved: dataset, classifier, cost profile."""
+    document = result.to_dict()
+    document["dataset"] = problem.instance.dataset
+    document["classifier"] = problem.instance.classifier
+    document["cost_profile"] = {"kind": problem.cost.kind, "sparsity": problem.cost.sparsity}
+    return document
+
+
+# -- explaining a result -----------------------------------------------------------------
+
+
+def explain(result: RecourseResult, problem: Problem) -> str:
+    """A short human explanation of ``result``."""
+    instance = problem.instance
+    lines = [
+        f"Person: {instance.who} ({instance.dataset} model, {instance.classifier} classifier, "
+        f"{problem.cost.kind} cost)"
+    ]
+    if result.status is SolveStatus.INFEASIBLE:
+        lines += _infeasible_lines(problem.constraints)
+    elif result.counterfactual is None:
+        lines.append(_status_line(result))
+        if result.message:
+            lines.append(f"solver message: {result.message}")
+    elif result.factual_probability >= problem.classifier.threshold:
+        lines.append(
+            f"Already accepted (probability {result.factual_probability:.4f}): no action needed."
+        )
+    else:
+        lines.append(_status_line(result))
+        lines += _action_lines(result, result.counterfactual, problem.scm)
+        lines.append(f"cost: {_num(result.cost)} ({problem.cost.kind})")
+        lines.append(
+            f"probability of acceptance: {result.factual_probability:.4g} -> "
+            f"{_num(result.probability)}"
+        )
+        lines += _verification_lines(result)
+    lines.append(_solver_line(result))
+    return "\n".join(lines)
+
+
+def _status_line(result: RecourseResult) -> str:
+    status = result.status
+    if status is SolveStatus.OPTIMAL:
+        return "status: optimal (the cheapest action that gets this person accepted)"
+    if status is SolveStatus.TIME_LIMIT and result.counterfactual is not None:
+        return "status: time limit reached (best action found so far, not proven optimal)"
+    if status is SolveStatus.TIME_LIMIT:
+        return "status: time limit reached before any action was found"
+    return f"status: {status.value} (the solver failed)"
+
+
+def _infeasible_lines(constraints: PersonConstraints) -> list[str]:
+    lines = ["status: infeasible", "No recourse exists under these constraints."]
+    locked = ", ".join(sorted(constraints.locks)) or "none"
+    lines.append(f"  locked: {locked}")
+    for name, (lower, upper) in constraints.bounds.items():
+        lines.append(f"  bound: {name} in [{_num(lower)}, {_num(upper)}]")
+    for name, direction in constraints.directions.items():
+        lines.append(f"  direction: {name} may only {direction}")
+    if constraints.max_changes is not None:
+        lines.append(f"  at most {constraints.max_changes} change(s)")
+    return lines
+
+
+def _action_lines(
+    result: RecourseResult, counterfactual: Mapping[str, float], scm: StructuralCausalModel
+) -> list[str]:
+    factual = result.factual
+    changed = {name for name in scm.names if _differs(factual[name], counterfactual[name])}
+    moved = changed | set(result.action)
+    lines = ["To be accepted, change:"]
+    for name, value in result.action.items():
+        before = factual[name]
+        if name in changed:
+            lines.append(f"  {name}: {_num(before)} -> {_num(value)} ({value - before:+.4g})")
+        else:
+            held = _moved_parents(scm, name, moved)
+            reason = f" instead of moving with {held}" if held else ""
+            lines.append(f"  {name}: {_num(before)} (held at its current value{reason})")
+    knock_on = [name for name in scm.names if name in changed and name not in result.action]
+    if knock_on:
+        lines.append("What follows from it:")
+    for name in knock_on:
+        parents = _moved_parents(scm, name, moved) or "the causal model"
+        lines.append(
+            f"  {name}: {_num(factual[name])} -> {_num(counterfactual[name])} "
+            f"(moves with {parents})"
+        )
+    return lines
+
+
+def _moved_parents(scm: StructuralCausalModel, name: str, moved: set[str]) -> str:
+    parents = [p for p in scm.variables[scm.index[name]].parents if p in moved]
+    return " and ".join(parents)
+
+
+def _verification_lines(result: RecourseResult) -> list[str]:
+    if result.verified:
+        return ["verified: yes (exact causal model and classifier)"]
+    return ["verified: NO"] + [f"  - {failure}" for failure in result.verification_failures]
+
+
+def _solver_line(result: RecourseResult) -> str:
+    info = result.solver
+    gap = "" if info.gap is None else f", gap {info.gap:.3g}"
+    name = info.version if info.version.startswith(info.name) else f"{info.name} {info.version}"
+    return f"solver: {name}, {info.runtime_seconds:.2f} s ({info.solves} solve(s)){gap}"
+
+
+def _differs(a: float, b: float) -> bool:
+    return abs(a - b) > _UNCHANGED * (1 + abs(a))
+
+
+def _num(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+# -- backends ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+)
+def backends(output_format: str) -> None:
+    """List the solver backends, whether each can run here, and their versions."""
+    rows = [backend_status(name) for name in backend_names()]
+    if output_format == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = "available" if row["available"] else "unavailable"
+        default = " (default)" if row["default"] else ""
+        version = f"  {row['version']}" if row["version"] else ""
+        click.echo(f"{row['name']:<8} {state}{default}{version}")
+
+
+def backend_status(name: str) -> dict[str, Any]:
+    """Availability and version of one registered backend."""
+    try:
+        with _stdout_to_stderr():
+            cls = backend_class(name)
+            available = bool(cls.available())
+            version = cls.version() if available else ""
+    except BackendUnavailableError:
+        available, version = False, ""
+    return {
+        "name": name,
+        "available": available,
+        "version": version,
+        "default": name == DEFAULT_BACKEND,
+    }
+
+
+# -- train-classifier --------------------------------------------------------------------
+
+
+@main.command("train-classifier")
+@click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULT_DATASET, show_default=True)
+@click.option(
+    "--kind",
+    type=click.Choice([*CLASSIFIER_KINDS, "all"]),
+    required=True,
+    help="Which classifier to train ('all': every kind).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=100),
+    default=20_000,
+    show_default=True,
+    help="Individuals sampled from the causal model (split 1/2 train, 1/4 validation, 1/4 test).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write classifier_{kind}.json into (created if missing).",
+)
+@click.option(
+    "--in-place",
+    is_flag=True,
+    help="Overwrite the built-in classifiers of the installed instances package instead.",
+)
+def train_classifier_command(
+    dataset: str, kind: str, seed: int, samples: int, out_dir: Path | None, in_place: bool
+) -> None:
+    """Retrain the built-in classifiers on data sampled from the causal model."""
+    if (out_dir is None) == (not in_place):
+        raise click.UsageError("Give either --out DIR or --in-place (exactly one of them).")
+    kinds = CLASSIFIER_KINDS if kind == "all" else (kind,)
+    scm = load_scm(dataset)
+    for name in kinds:
+        target = out_dir / f"classifier_{name}.json" if out_dir else installed_path(dataset, name)
+        classifier = train_classifier(scm, name, seed=seed, n_samples=samples)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(classifier.to_dict()))
+        except OSError as exc:
+            raise InputError(f"Cannot write {str(target)!r}: {exc}.") from None
+        meta = classifier.metadata
+        click.echo(
+            f"{name}: validation accuracy {meta['validation_accuracy']:.4f}, "
+            f"test accuracy {meta['test_accuracy']:.4f} -> {target}"
+        )
+
+
+def installed_path(dataset: str, kind: str) -> Path:
+    path = classifier_path(dataset, kind)
+    if not isinstance(path, Path):
+        raise click.UsageError(
+            "The installed instances package is not a plain directory; use --out DIR."
+        )
+    return path
+
+
+if __name__ == "__main__":
+    main()

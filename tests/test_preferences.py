@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+
+from models.preferences import PreferenceError, WeightScheme, parse_constraints
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"lock": ["salary"]}, r"'lock' of the individual names 'salary', which is not a feature"),
+        ({"rank": ["income", "income"]}, r"'rank' of the individual must list each actionable"),
+        ({"rank": ["age", "income"]}, r"'rank' .* names 'age', which is immutable"),
+        ({"rank": ["loan_duration"]}, r"names 'loan_duration', which is non_actionable"),
+        ({"score": {"income": 7}}, r"'score' of the individual for 'income' must be between 1"),
+        ({"score": {"income": float("nan")}}, r"'score.income' .* must be a finite number"),
+        ({"bounds": {"income": [50, 60]}}, r"'bounds' .* for 'income' must .* overlap"),
+        ({"bounds": {"income": [3, 1]}}, r"lower <= upper"),
+        ({"bounds": {"income": [float("nan"), 1]}}, r"'bounds.income' .* finite number"),
+        ({"direction": {"savings": "up"}}, r"'direction' .* 'increase' or 'decrease'"),
+        ({"max_changes": -1}, r"'max_changes' .* whole number"),
+        ({"rank": ["income"], "score": {"income": 3}}, r"at most one of"),
+        ({"colour": "red"}, r"unknown keys \['colour'\]"),
+        ({"soft_limits": {"income": {"limit": -1, "penalty": 1}}}, r"limit >= 0"),
+        ({"weights": {"income": 0}}, r"'weights' .* must be > 0"),
+    ],
+)
+def test_bad_preferences_name_the_field(loan_scm, raw, message) -> None:
+    with pytest.raises(PreferenceError, match=message):
+        parse_constraints(raw, loan_scm)
+
+
+def test_locking_an_immutable_feature_is_fine(loan_scm) -> None:
+    assert parse_constraints({"lock": ["age", "gender"]}, loan_scm).locks == {"age", "gender"}
+
+
+def test_rank_becomes_increasing_weights(loan_scm) -> None:
+    c = parse_constraints({"rank": ["savings", "income"]}, loan_scm)
+    w = c.weights
+    assert w["savings"] < w["income"] < w["loan_amount"] == w["education"]
+    assert sum(w.values()) / len(w) == pytest.approx(1.0)
+
+
+def test_scores_become_weights(loan_scm) -> None:
+    c = parse_constraints({"score": {"income": 5, "savings": 1}}, loan_scm)
+    assert c.weights["income"] < c.weights["education"] < c.weights["savings"]
+
+
+def test_exponential_scheme(loan_scm) -> None:
+    scheme = WeightScheme(mapping="exponential", base=3.0, normalize=False)
+    c = parse_constraints({"rank": ["savings", "income", "education", "loan_amount"]}, loan_scm, scheme)
+    assert [c.weights[k] for k in ("savings", "income", "education", "loan_amount")] == [1, 3, 9, 27]
+
+
+def test_bounds_are_clipped_to_the_domain(loan_scm) -> None:
+    c = parse_constraints({"bounds": {"income": [None, 100]}}, loan_scm)
+    assert c.bounds["income"] == (-12.0, 14.0)
