@@ -31,7 +31,9 @@ def _dataset_dir(dataset: str) -> resources.abc.Traversable:
 
 def load_scm(dataset: str, variant: str | None = None) -> StructuralCausalModel:
     """The built-in causal model ``dataset`` (optionally a named variant of it)."""
-    return StructuralCausalModel.from_json((_dataset_dir(dataset) / "scm.json").read_text(), variant)
+    return StructuralCausalModel.from_json(
+        (_dataset_dir(dataset) / "scm.json").read_text(), variant
+    )
 
 
 def load_classifier(dataset: str, kind: str) -> Classifier:

@@ -192,7 +192,9 @@ class Classifier:
             )
         kind = data.get("kind")
         if kind not in ("lr", "mlp"):
-            raise ClassifierFileError(f"The classifier's 'kind' must be 'lr' or 'mlp'. Got {kind!r}.")
+            raise ClassifierFileError(
+                f"The classifier's 'kind' must be 'lr' or 'mlp'. Got {kind!r}."
+            )
         names = data.get("feature_names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ClassifierFileError("The classifier's 'feature_names' must be a list of names.")
@@ -217,13 +219,19 @@ class Classifier:
             layers.append(Layer(_clean(weights), _clean(bias)))
             width = weights.shape[1]
         if width != 1:
-            raise ClassifierFileError(f"The classifier's last layer must have 1 output, not {width}.")
+            raise ClassifierFileError(
+                f"The classifier's last layer must have 1 output, not {width}."
+            )
         if kind == "lr" and len(layers) != 1:
             raise ClassifierFileError("A classifier of kind 'lr' must have exactly one layer.")
         threshold = float(data.get("threshold", 0.5))
         if not 0 < threshold < 1:
-            raise ClassifierFileError(f"The classifier's 'threshold' must be in (0, 1). Got {threshold}.")
-        return cls(kind, tuple(names), mean, scale, tuple(layers), threshold, data.get("metadata", {}))
+            raise ClassifierFileError(
+                f"The classifier's 'threshold' must be in (0, 1). Got {threshold}."
+            )
+        return cls(
+            kind, tuple(names), mean, scale, tuple(layers), threshold, data.get("metadata", {})
+        )
 
     @classmethod
     def from_json(cls, text: str) -> Classifier:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.scm import Role, StructuralCausalModel
+from models.scm import StructuralCausalModel
 
 SCORE_MIN, SCORE_MAX = 1, 5
 
@@ -67,7 +67,9 @@ class WeightScheme:
             weights.setdefault(name, self._level_weight(len(rank)))
         return self._normalized(weights, actionable)
 
-    def from_scores(self, scores: Mapping[str, float], actionable: Sequence[str]) -> dict[str, float]:
+    def from_scores(
+        self, scores: Mapping[str, float], actionable: Sequence[str]
+    ) -> dict[str, float]:
         middle = (SCORE_MIN + SCORE_MAX) / 2
         weights = {
             name: self._level_weight(SCORE_MAX - scores.get(name, middle)) for name in actionable
@@ -138,11 +140,21 @@ def parse_constraints(
     """
     raw = dict(raw or {})
     scheme = scheme or WeightScheme()
-    known = {"lock", "bounds", "direction", "max_changes", "rank", "score", "weights", "soft_limits"}
+    known = {
+        "lock",
+        "bounds",
+        "direction",
+        "max_changes",
+        "rank",
+        "score",
+        "weights",
+        "soft_limits",
+    }
     unknown = sorted(set(raw) - known)
     if unknown:
         raise PreferenceError(
-            f"The constraints of {who} have unknown keys {unknown}; allowed keys are {sorted(known)}."
+            f"The constraints of {who} have unknown keys {unknown}; "
+            f"allowed keys are {sorted(known)}."
         )
     actionable = scm.actionable
     variables = {v.name: v for v in scm.variables}
@@ -162,7 +174,11 @@ def parse_constraints(
         return str(name)
 
     def finite_number(value: Any, field_name: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise PreferenceError(
                 f"The '{field_name}' of {who} must be a finite number. Got {value!r} instead."
             )
@@ -284,9 +300,3 @@ def _mapping(value: Any, field_name: str, who: str) -> Mapping[str, Any]:
             f"The '{field_name}' of {who} must be an object {{feature: value}}. Got {value!r}."
         )
     return value
-
-
-def is_actionable_for(scm: StructuralCausalModel, constraints: PersonConstraints, name: str) -> bool:
-    """Whether this person may intervene on ``name``."""
-    role = next(v.role for v in scm.variables if v.name == name)
-    return role is Role.ACTIONABLE and name not in constraints.locks

@@ -176,7 +176,9 @@ class StructuralCausalModel:
     # -- loading ------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, document: Mapping[str, Any], variant: str | None = None) -> StructuralCausalModel:
+    def from_dict(
+        cls, document: Mapping[str, Any], variant: str | None = None
+    ) -> StructuralCausalModel:
         """Build a model from its JSON document, optionally with a named variant applied."""
         version = document.get("schema_version")
         if version != SCHEMA_VERSION:
@@ -261,7 +263,7 @@ class StructuralCausalModel:
         """Features from exogenous noise, in topological order (the observational model)."""
         noise = np.atleast_2d(np.asarray(noise, dtype=float))
         x = np.empty_like(noise)
-        for j, var in enumerate(self.variables):
+        for j in range(self.num_features):
             x[:, j] = self._structural_value(j, x, noise[:, j])
         return x
 
@@ -307,9 +309,9 @@ class StructuralCausalModel:
         if self.label_spec is None:
             raise ModelFileError(f"The model {self.name!r} has no 'label'.")
         x = np.atleast_2d(np.asarray(x, dtype=float))
-        value = np.broadcast_to(
-            evaluate(self.label_spec.expr, self._env(x)), (x.shape[0],)
-        ).astype(float)
+        value = np.broadcast_to(evaluate(self.label_spec.expr, self._env(x)), (x.shape[0],)).astype(
+            float
+        )
         if self.label_spec.kind == "equation":
             return value
         if seed is None:

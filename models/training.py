@@ -45,8 +45,11 @@ def train_classifier(
         layers = (Layer(model.coef_.T.copy(), model.intercept_.copy()),)
     else:
         model = MLPClassifier(
-            hidden_layer_sizes=hidden_layers, activation="relu", max_iter=500,
-            early_stopping=False, random_state=seed,
+            hidden_layer_sizes=hidden_layers,
+            activation="relu",
+            max_iter=500,
+            early_stopping=False,
+            random_state=seed,
         ).fit(z[splits["train"]], y[splits["train"]])
         layers = tuple(
             Layer(w.copy(), b.copy()) for w, b in zip(model.coefs_, model.intercepts_, strict=True)

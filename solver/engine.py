@@ -66,7 +66,9 @@ class RecourseSolver:
         self.options = options or EngineOptions()
         self.settings = settings or SolverSettings()
         self.formulation = RecourseFormulation(
-            scm, classifier, cost,
+            scm,
+            classifier,
+            cost,
             margin=self.options.margin,
             tangents=self.options.tangents,
             breakpoints=self.options.breakpoints,
@@ -88,16 +90,25 @@ class RecourseSolver:
         incumbent = None
         if self.options.incumbent_grid > 0 and open_ctx.intervention:
             incumbent = grid_search(
-                scm, clf, self.cost, x, noise, constraints, open_ctx.intervention,
+                scm,
+                clf,
+                self.cost,
+                x,
+                noise,
+                constraints,
+                open_ctx.intervention,
                 values_per_feature=self.options.incumbent_grid,
-                logit_margin=self.options.margin, refine=True,
+                logit_margin=self.options.margin,
+                refine=True,
             )
         budget = incumbent.cost if incumbent is not None else None
 
         margin = self.options.margin
         solves, solve_seconds = 0, 0.0
         for attempt in range(_MARGIN_RETRIES + 1):
-            ctx = self.formulation.context(x, constraints, noise=noise, cost_budget=budget, margin=margin)
+            ctx = self.formulation.context(
+                x, constraints, noise=noise, cost_budget=budget, margin=margin
+            )
             outcome, rounds, seconds = self._solve_with_cuts(ctx)
             solves, solve_seconds = solves + rounds, solve_seconds + seconds
             if outcome.status is SolveStatus.INFEASIBLE and budget is not None:
@@ -106,10 +117,17 @@ class RecourseSolver:
                 continue
             if outcome.solution is None:
                 return self._without_action(
-                    outcome, x, factual_probability, constraints, start, solves, solve_seconds,
+                    outcome,
+                    x,
+                    factual_probability,
+                    constraints,
+                    start,
+                    solves,
+                    solve_seconds,
                     incumbent.cost if incumbent else None,
                 )
             intervene, values = self._read_action(outcome.solution)
+            intervene = self._drop_no_op_interventions(x, noise, intervene, values)
             check = verify_action(scm, clf, self.cost, x, noise, constraints, intervene, values)
             if check.verified or attempt == _MARGIN_RETRIES:
                 break
@@ -127,8 +145,13 @@ class RecourseSolver:
             verified=check.verified,
             verification_failures=check.failures,
             solver=SolverInfo(
-                self.backend.name, self.backend_version, time.perf_counter() - start,
-                solve_seconds, gap, solves, incumbent.cost if incumbent else None,
+                self.backend.name,
+                self.backend_version,
+                time.perf_counter() - start,
+                solve_seconds,
+                gap,
+                solves,
+                incumbent.cost if incumbent else None,
             ),
             cost_bound=bound,
             interpolation_error=self.formulation.interpolation_error(ctx),
@@ -169,12 +192,16 @@ class RecourseSolver:
             # c >= a (2 t (x' - x^F) - t^2) at t = delta; m_k = 1 here, and the cut is only
             # valid for acted features, so relax it by W (1 - m) like the template's cuts.
             lo, hi = ctx.box[k]
-            big_m = max(0.0, a * max(2 * delta * d - delta * delta for d in (lo - ctx.x[j], hi - ctx.x[j])))
+            big_m = max(
+                0.0, a * max(2 * delta * d - delta * delta for d in (lo - ctx.x[j], hi - ctx.x[j]))
+            )
             big_m = big_m * (1 + 1e-9) + 1e-9
-            cuts.append((
-                {f.c_col[k]: 1.0, f.x_col[k]: -2 * a * delta, f.m_col[k]: -big_m},
-                -2 * a * delta * ctx.x[j] - a * delta * delta - big_m,
-            ))
+            cuts.append(
+                (
+                    {f.c_col[k]: 1.0, f.x_col[k]: -2 * a * delta, f.m_col[k]: -big_m},
+                    -2 * a * delta * ctx.x[j] - a * delta * delta - big_m,
+                )
+            )
         return cuts
 
     def _read_action(self, solution: FloatArray) -> tuple[np.ndarray, FloatArray]:
@@ -191,40 +218,86 @@ class RecourseSolver:
                 values[j] = value
         return intervene, values
 
+    def _drop_no_op_interventions(
+        self, x: FloatArray, noise: FloatArray, intervene: np.ndarray, values: FloatArray
+    ) -> np.ndarray:
+        """Forget interventions that set a feature to the value it would take anyway.
+
+        Ties let a solver 'act' on a feature without changing it (cost 0); telling the
+        person to do so would be noise.
+        """
+        for k in np.flatnonzero(intervene):
+            without = intervene.copy()
+            without[k] = False
+            natural = self.scm.propagate_counterfactual(
+                x[None, :], without[None, :], values[None, :], noise[None, :]
+            )[0, k]
+            if abs(natural - values[k]) <= 1e-9 * (1 + abs(values[k])):
+                intervene = without
+        return intervene
+
     def _row(self, x: FloatArray) -> dict[str, float]:
         return {name: float(v) for name, v in zip(self.scm.names, x, strict=True)}
 
-    def _info(self, start: float, solves: int, seconds: float, gap: float | None,
-              incumbent: float | None) -> SolverInfo:
+    def _info(
+        self, start: float, solves: int, seconds: float, gap: float | None, incumbent: float | None
+    ) -> SolverInfo:
         return SolverInfo(
-            self.backend.name, self.backend_version, time.perf_counter() - start, seconds, gap,
-            solves, incumbent,
+            self.backend.name,
+            self.backend_version,
+            time.perf_counter() - start,
+            seconds,
+            gap,
+            solves,
+            incumbent,
         )
 
     def _already_accepted(
         self, x: FloatArray, probability: float, constraints: PersonConstraints, start: float
     ) -> RecourseResult:
         return RecourseResult(
-            status=SolveStatus.OPTIMAL, factual=self._row(x), action={},
-            counterfactual=self._row(x), cost=0.0, probability=probability,
-            factual_probability=probability, verified=True, verification_failures=(),
-            solver=self._info(start, 0, 0.0, 0.0, None), cost_bound=0.0,
-            message="already accepted: no action needed", constraints=constraints.to_dict(),
+            status=SolveStatus.OPTIMAL,
+            factual=self._row(x),
+            action={},
+            counterfactual=self._row(x),
+            cost=0.0,
+            probability=probability,
+            factual_probability=probability,
+            verified=True,
+            verification_failures=(),
+            solver=self._info(start, 0, 0.0, 0.0, None),
+            cost_bound=0.0,
+            message="already accepted: no action needed",
+            constraints=constraints.to_dict(),
         )
 
     def _without_action(
-        self, outcome: BackendResult, x: FloatArray, probability: float,
-        constraints: PersonConstraints, start: float, solves: int, seconds: float,
+        self,
+        outcome: BackendResult,
+        x: FloatArray,
+        probability: float,
+        constraints: PersonConstraints,
+        start: float,
+        solves: int,
+        seconds: float,
         incumbent: float | None,
     ) -> RecourseResult:
         message = outcome.message
         if outcome.status is SolveStatus.INFEASIBLE:
             message = "no action within this person's constraints makes the classifier accept"
         return RecourseResult(
-            status=outcome.status, factual=self._row(x), action={}, counterfactual=None,
-            cost=None, probability=None, factual_probability=probability, verified=False,
-            verification_failures=(), solver=self._info(start, solves, seconds, None, incumbent),
-            message=message, constraints=constraints.to_dict(),
+            status=outcome.status,
+            factual=self._row(x),
+            action={},
+            counterfactual=None,
+            cost=None,
+            probability=None,
+            factual_probability=probability,
+            verified=False,
+            verification_failures=(),
+            solver=self._info(start, solves, seconds, None, incumbent),
+            message=message,
+            constraints=constraints.to_dict(),
         )
 
 

@@ -151,7 +151,9 @@ class LinearForm:
     const: Coef = 0.0
 
     def scaled(self, factor: Coef) -> LinearForm:
-        return LinearForm({c: _mul(v, factor) for c, v in self.terms.items()}, _mul(self.const, factor))
+        return LinearForm(
+            {c: _mul(v, factor) for c, v in self.terms.items()}, _mul(self.const, factor)
+        )
 
     def plus(self, other: LinearForm) -> LinearForm:
         terms = dict(self.terms)
@@ -318,20 +320,24 @@ class RecourseFormulation:
             )
         self.m_col = {
             k: t.add_col(
-                f"act[{k}]", 0.0,
+                f"act[{k}]",
+                0.0,
                 lambda ctx, k=k: 1.0 if k in ctx.intervention else 0.0,
-                cost=self.cost.sparsity, integer=True,
+                cost=self.cost.sparsity,
+                integer=True,
             )
             for k in self.actionable
         }
         self.c_col = {k: t.add_col(f"cost[{k}]", 0.0, INF, cost=1.0) for k in self.actionable}
         self.v_col = {
             k: t.add_col(
-                f"excess[{k}]", 0.0,
+                f"excess[{k}]",
+                0.0,
                 lambda ctx, k=k: INF if k in ctx.constraints.soft_limits else 0.0,
                 cost=lambda ctx, k=k: (
                     ctx.constraints.soft_limits[k].penalty
-                    if k in ctx.constraints.soft_limits else 0.0
+                    if k in ctx.constraints.soft_limits
+                    else 0.0
                 ),
             )
             for k in self.actionable
@@ -388,12 +394,12 @@ class RecourseFormulation:
 
         # x' >= lo - M (1 - m)  and  x' <= hi + M (1 - m)
         t.add_row(
-            f"set_low[{name}]", {x: 1.0, m: lambda c: -m_low(c)},
-            lambda c: low(c) - m_low(c), INF,
+            f"set_low[{name}]",
+            {x: 1.0, m: lambda c: -m_low(c)},
+            lambda c: low(c) - m_low(c),
+            INF,
         )
-        t.add_row(
-            f"set_high[{name}]", {x: 1.0, m: m_high}, -INF, lambda c: high(c) + m_high(c)
-        )
+        t.add_row(f"set_high[{name}]", {x: 1.0, m: m_high}, -INF, lambda c: high(c) + m_high(c))
 
     def _add_cost_rows(self, k: str) -> None:
         t = self.template
@@ -479,9 +485,7 @@ class RecourseFormulation:
                 )
             else:
                 previous.append(
-                    LinearForm(
-                        {}, lambda ctx, i=i: (ctx.x[i] - clf.mean[i]) / clf.scale[i]
-                    )
+                    LinearForm({}, lambda ctx, i=i: (ctx.x[i] - clf.mean[i]) / clf.scale[i])
                 )
         for layer_index, layer in enumerate(clf.layers):
             pre = [
@@ -490,8 +494,11 @@ class RecourseFormulation:
             ]
             if layer_index == len(clf.layers) - 1:
                 t.add_linear_row(
-                    "classifier_accepts", pre[0], {},
-                    lambda ctx: clf.logit_threshold + ctx.margin, INF,
+                    "classifier_accepts",
+                    pre[0],
+                    {},
+                    lambda ctx: clf.logit_threshold + ctx.margin,
+                    INF,
                 )
                 return
             previous = [self._relu(form, layer_index, n) for n, form in enumerate(pre)]
@@ -524,9 +531,11 @@ class RecourseFormulation:
         # a >= z;  a <= z - l (1 - s);  a <= u s
         t.add_linear_row(f"relu{layer}_{n}_above", neg, {a: 1.0}, 0.0, INF)
         t.add_linear_row(
-            f"relu{layer}_{n}_below", neg,
+            f"relu{layer}_{n}_below",
+            neg,
             {a: 1.0, s: lambda ctx: -min(lo(ctx), 0.0) + _PAD_ABS},
-            -INF, lambda ctx: -min(lo(ctx), 0.0) + _PAD_ABS,
+            -INF,
+            lambda ctx: -min(lo(ctx), 0.0) + _PAD_ABS,
         )
         t.add_row(
             f"relu{layer}_{n}_off", {a: 1.0, s: lambda ctx: -_pad(max(hi(ctx), 0.0))}, -INF, 0.0
@@ -647,9 +656,7 @@ class RecourseFormulation:
         # s y - s a + M1 z <= M1
         t.add_linear_row(f"{label}_le_first", sa, {y: sense, z: m1}, -INF, m1)
         # s y - s b - M2 z <= 0
-        t.add_linear_row(
-            f"{label}_le_second", sb, {y: sense, z: lambda ctx: -m2(ctx)}, -INF, 0.0
-        )
+        t.add_linear_row(f"{label}_le_second", sb, {y: sense, z: lambda ctx: -m2(ctx)}, -INF, 0.0)
         return LinearForm({y: 1.0})
 
     def _indicator(self, expr: Call, owner: str, j: int) -> LinearForm:
@@ -666,8 +673,11 @@ class RecourseFormulation:
             integer=True,
         )
         t.add_linear_row(
-            f"{label}_on", fa, {z: lambda ctx: _pad(-ctx.interval(arg)[0])},
-            lambda ctx: -_pad(-ctx.interval(arg)[0]), INF,
+            f"{label}_on",
+            fa,
+            {z: lambda ctx: _pad(-ctx.interval(arg)[0])},
+            lambda ctx: -_pad(-ctx.interval(arg)[0]),
+            INF,
         )
         t.add_linear_row(
             f"{label}_off", fa, {z: lambda ctx: -_pad(ctx.interval(arg)[1] + eps)}, -INF, -eps
@@ -697,12 +707,18 @@ class RecourseFormulation:
         d = [t.add_col(f"{label}_segment{i}", 0.0, 1.0) for i in range(n)]
         z = [t.add_col(f"{label}_past{i}", 0.0, 1.0, integer=True) for i in range(n - 1)]
         entries: dict[int, Coef] = {
-            di: lambda ctx, i=i: -(knots(ctx)[0][i + 1] - knots(ctx)[0][i]) for i, di in enumerate(d)
+            di: lambda ctx, i=i: -(knots(ctx)[0][i + 1] - knots(ctx)[0][i])
+            for i, di in enumerate(d)
         }
-        t.add_linear_row(f"{label}_argument", fa, entries, lambda c: knots(c)[0][0], lambda c: knots(c)[0][0])
+        t.add_linear_row(
+            f"{label}_argument", fa, entries, lambda c: knots(c)[0][0], lambda c: knots(c)[0][0]
+        )
         values: dict[int, Coef] = {y: 1.0}
         values.update(
-            {di: lambda ctx, i=i: -(knots(ctx)[1][i + 1] - knots(ctx)[1][i]) for i, di in enumerate(d)}
+            {
+                di: lambda ctx, i=i: -(knots(ctx)[1][i + 1] - knots(ctx)[1][i])
+                for i, di in enumerate(d)
+            }
         )
         t.add_row(f"{label}_value", values, lambda c: knots(c)[1][0], lambda c: knots(c)[1][0])
         for i, zi in enumerate(z):
@@ -838,16 +854,20 @@ class RecourseFormulation:
         their box.
         """
         reachable = set(self.reachable)
-        roots = np.array([
-            name in self.actionable
-            and not set(self.scm.variables[self.scm.index[name]].parents) & reachable
-            for name in free
-        ])
+        roots = np.array(
+            [
+                name in self.actionable
+                and not set(self.scm.variables[self.scm.index[name]].parents) & reachable
+                for name in free
+            ]
+        )
         factual = np.array([ctx.x[self.scm.index[n]] for n in free])
-        rate = np.array([
-            self.cost.coefficient(n, ctx.constraints.weight(n)) if root else 1.0
-            for n, root in zip(free, roots, strict=True)
-        ])
+        rate = np.array(
+            [
+                self.cost.coefficient(n, ctx.constraints.weight(n)) if root else 1.0
+                for n, root in zip(free, roots, strict=True)
+            ]
+        )
         budget = float(ctx.cost_budget or 0.0) * (1 + 1e-7) + 1e-9
         room_up = np.where(roots, upper - factual, 0.0)
         room_down = np.where(roots, factual - lower, 0.0)
@@ -865,7 +885,9 @@ class RecourseFormulation:
             order = np.argsort(-gain / rate, axis=1)
             gain_sorted = np.take_along_axis(gain, order, axis=1)
             room_sorted = np.take_along_axis(room, order, axis=1)
-            full_cost = room_sorted * np.take_along_axis(np.broadcast_to(rate, G.shape), order, axis=1)
+            full_cost = room_sorted * np.take_along_axis(
+                np.broadcast_to(rate, G.shape), order, axis=1
+            )
             spent_before = np.cumsum(full_cost, axis=1) - full_cost
             fraction = np.clip(
                 (budget - spent_before) / np.where(full_cost > 0, full_cost, 1.0), 0.0, 1.0
@@ -874,7 +896,9 @@ class RecourseFormulation:
 
         return lambda G: (-maximum(-G), maximum(G))
 
-    def _bound_extra_nodes(self, equation: Expr, env: Mapping[str, Interval], nodes: dict[int, Interval]) -> None:
+    def _bound_extra_nodes(
+        self, equation: Expr, env: Mapping[str, Interval], nodes: dict[int, Interval]
+    ) -> None:
         # Nodes the linearization created (folded max/min pairs, -a inside abs) are not in
         # the equation's tree; bound them from their arguments.
         for node, left, right, func in getattr(self, "_intermediates", []):

@@ -74,8 +74,21 @@ def grid_search(
             keep = intervene.sum(axis=1) <= constraints.max_changes
             intervene, values = intervene[keep], values[keep]
         simulated += len(intervene)
-        best = _better(best, _cheapest_valid(scm, classifier, cost, x, noise, constraints,
-                                             intervene, values, threshold, simulated))
+        best = _better(
+            best,
+            _cheapest_valid(
+                scm,
+                classifier,
+                cost,
+                x,
+                noise,
+                constraints,
+                intervene,
+                values,
+                threshold,
+                simulated,
+            ),
+        )
     if best is not None and refine:
         best = _line_search(scm, classifier, cost, x, noise, constraints, best, threshold, ranges)
     return best
@@ -128,7 +141,9 @@ def _line_search(
         candidates = []
         for features in directions:
             values = np.repeat(best.values[None, :], len(steps), axis=0)
-            values[:, features] = x[features] + steps[:, None] * (best.values[features] - x[features])
+            values[:, features] = x[features] + steps[:, None] * (
+                best.values[features] - x[features]
+            )
             candidates.append(values)
         values = np.concatenate(candidates)
         intervene = np.repeat(best.intervene[None, :], len(values), axis=0)
@@ -139,7 +154,15 @@ def _line_search(
             if scm.variables[k].type is not VariableType.CONTINUOUS:
                 values[:, k] = np.round(values[:, k])
         found = _cheapest_valid(
-            scm, classifier, cost, x, noise, constraints, intervene, values, threshold,
+            scm,
+            classifier,
+            cost,
+            x,
+            noise,
+            constraints,
+            intervene,
+            values,
+            threshold,
             best.candidates + len(values),
         )
         best = _better(best, found)

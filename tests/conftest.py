@@ -35,11 +35,22 @@ def two_feature_scm(b_follows_a: bool = True) -> StructuralCausalModel:
             "schema_version": 1,
             "name": "two",
             "variables": [
-                {"name": "a", "type": "continuous", "role": "actionable", "bounds": [-10, 10],
-                 "equation": "noise", "noise": {"distribution": "normal", "sd": 1}},
-                {"name": "b", "type": "continuous", "role": "actionable", "bounds": [-10, 10],
-                 "equation": "0.5 * a + noise" if b_follows_a else "noise",
-                 "noise": {"distribution": "normal", "sd": 1}},
+                {
+                    "name": "a",
+                    "type": "continuous",
+                    "role": "actionable",
+                    "bounds": [-10, 10],
+                    "equation": "noise",
+                    "noise": {"distribution": "normal", "sd": 1},
+                },
+                {
+                    "name": "b",
+                    "type": "continuous",
+                    "role": "actionable",
+                    "bounds": [-10, 10],
+                    "equation": "0.5 * a + noise" if b_follows_a else "noise",
+                    "noise": {"distribution": "normal", "sd": 1},
+                },
             ],
         }
     )

@@ -59,8 +59,15 @@ def check_people(scm, clf, cost_kind, people, backends, seed):
         ctx = solvers[backends[0]].formulation.context(x, constraints)
         noise = scm.abduct_noise(x[None, :])[0]
         grid = grid_search(
-            scm, clf, cost, x, noise, constraints, ctx.intervention,
-            values_per_feature=8, logit_margin=margin,
+            scm,
+            clf,
+            cost,
+            x,
+            noise,
+            constraints,
+            ctx.intervention,
+            values_per_feature=8,
+            logit_margin=margin,
         )
         if reference.status is SolveStatus.INFEASIBLE:
             assert grid is None, (i, raw)

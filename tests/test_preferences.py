@@ -48,8 +48,15 @@ def test_scores_become_weights(loan_scm) -> None:
 
 def test_exponential_scheme(loan_scm) -> None:
     scheme = WeightScheme(mapping="exponential", base=3.0, normalize=False)
-    c = parse_constraints({"rank": ["savings", "income", "education", "loan_amount"]}, loan_scm, scheme)
-    assert [c.weights[k] for k in ("savings", "income", "education", "loan_amount")] == [1, 3, 9, 27]
+    c = parse_constraints(
+        {"rank": ["savings", "income", "education", "loan_amount"]}, loan_scm, scheme
+    )
+    assert [c.weights[k] for k in ("savings", "income", "education", "loan_amount")] == [
+        1,
+        3,
+        9,
+        27,
+    ]
 
 
 def test_bounds_are_clipped_to_the_domain(loan_scm) -> None:

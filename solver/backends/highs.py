@@ -158,6 +158,6 @@ class HighsBackend(Backend):
         ]
         h.passModel(lp)
         self._loaded = milp
-        self._entry_rows = np.repeat(
-            np.arange(milp.num_rows), np.diff(milp.row_start)
-        ).astype(np.int64)
+        self._entry_rows = np.repeat(np.arange(milp.num_rows), np.diff(milp.row_start)).astype(
+            np.int64
+        )
