@@ -56,13 +56,11 @@ from models.costs import CostProfile
 from models.expressions import (
     BinOp,
     Call,
-    Const,
     Expr,
     Interval,
     Neg,
     Var,
     children,
-    evaluate,
     evaluate_interval,
     free_names,
     sigmoid,
@@ -299,6 +297,10 @@ class RecourseFormulation:
         # Equations of non-actionable features that are affine in counterfactual values:
         # the classifier's bounds keep these features tied to their parents.
         self._affine_equations: dict[str, LinearForm] = {}
+        # Nodes the linearization creates that are not in any equation's tree (folded
+        # n-ary max/min pairs, the -a inside abs(a)); their intervals come from their parts.
+        self._intermediates: list[tuple[Expr, Expr, Expr, str]] = []
+        self._negations: list[Neg] = []
         self.template = MILPTemplate()
         self._build()
         self.template.freeze()
@@ -602,8 +604,6 @@ class RecourseFormulation:
         return form
 
     def _register_intermediate(self, node: Expr, left: Expr, right: Expr, func: str) -> None:
-        # Intervals of folded intermediate nodes are derived from their two arguments.
-        self._intermediates = getattr(self, "_intermediates", [])
         self._intermediates.append((node, left, right, func))
 
     def _max_pair(
@@ -623,7 +623,6 @@ class RecourseFormulation:
         """
         t = self.template
         if isinstance(right, Neg) and right.arg is left:
-            self._negations = getattr(self, "_negations", [])
             self._negations.append(right)
         fa = left_form if left_form is not None else self._linearize(left, owner, j)
         fb = self._linearize(right, owner, j)
@@ -675,7 +674,7 @@ class RecourseFormulation:
         t.add_linear_row(
             f"{label}_on",
             fa,
-            {z: lambda ctx: _pad(-ctx.interval(arg)[0])},
+            {z: lambda ctx: -_pad(-ctx.interval(arg)[0])},
             lambda ctx: -_pad(-ctx.interval(arg)[0]),
             INF,
         )
@@ -777,7 +776,7 @@ class RecourseFormulation:
             env: dict[str, Interval] = {p: box[p] for p in var.parents}
             env[NOISE] = (float(noise[j]), float(noise[j]))
             lo, hi = evaluate_interval(var.equation, env, nodes)
-            self._bound_extra_nodes(var.equation, env, nodes)
+            self._bound_extra_nodes(nodes)
             natural[var.name] = (float(lo), float(hi))
             if var.name in intervention:
                 ilo, ihi = intervention[var.name]
@@ -896,17 +895,15 @@ class RecourseFormulation:
 
         return lambda G: (-maximum(-G), maximum(G))
 
-    def _bound_extra_nodes(
-        self, equation: Expr, env: Mapping[str, Interval], nodes: dict[int, Interval]
-    ) -> None:
+    def _bound_extra_nodes(self, nodes: dict[int, Interval]) -> None:
         # Nodes the linearization created (folded max/min pairs, -a inside abs) are not in
         # the equation's tree; bound them from their arguments.
-        for node, left, right, func in getattr(self, "_intermediates", []):
+        for node, left, right, func in self._intermediates:
             if id(left) in nodes and id(right) in nodes and id(node) not in nodes:
                 (alo, ahi), (blo, bhi) = nodes[id(left)], nodes[id(right)]
                 pick = np.maximum if func == "max" else np.minimum
                 nodes[id(node)] = (pick(alo, blo), pick(ahi, bhi))
-        for neg in getattr(self, "_negations", []):
+        for neg in self._negations:
             if id(neg.arg) in nodes:
                 lo, hi = nodes[id(neg.arg)]
                 nodes[id(neg)] = (-hi, -lo)
@@ -927,14 +924,3 @@ class RecourseFormulation:
 
     def instantiate(self, ctx: PersonContext) -> NumericMILP:
         return self.template.instantiate(ctx)
-
-
-__all__ = [
-    "Const",
-    "FormulationError",
-    "LinearForm",
-    "MILPTemplate",
-    "PersonContext",
-    "RecourseFormulation",
-    "evaluate",
-]
