@@ -12,6 +12,7 @@ larger validity margin (at most twice); if it still fails it is returned with
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -105,17 +106,24 @@ class RecourseSolver:
 
         margin = self.options.margin
         solves, solve_seconds = 0, 0.0
-        for attempt in range(_MARGIN_RETRIES + 1):
+        deadline = start + self.settings.time_limit
+        attempt = 0
+        while True:
             ctx = self.formulation.context(
                 x, constraints, noise=noise, cost_budget=budget, margin=margin
             )
-            outcome, rounds, seconds = self._solve_with_cuts(ctx)
+            outcome, rounds, seconds = self._solve_with_cuts(ctx, deadline)
             solves, solve_seconds = solves + rounds, solve_seconds + seconds
             if outcome.status is SolveStatus.INFEASIBLE and budget is not None:
                 # The incumbent proves a solution exists; tolerances must have cut it off.
                 budget = None
                 continue
-            if outcome.solution is None:
+            if outcome.solution is not None:
+                intervene, values = self._read_action(outcome.solution)
+            elif outcome.status is SolveStatus.TIME_LIMIT and incumbent is not None:
+                # Out of time before the solver found anything: the grid action is valid.
+                intervene, values = incumbent.intervene, incumbent.values
+            else:
                 return self._without_action(
                     outcome,
                     x,
@@ -126,11 +134,15 @@ class RecourseSolver:
                     solve_seconds,
                     incumbent.cost if incumbent else None,
                 )
-            intervene, values = self._read_action(outcome.solution)
             intervene = self._drop_no_op_interventions(x, noise, intervene, values)
             check = verify_action(scm, clf, self.cost, x, noise, constraints, intervene, values)
-            if check.verified or attempt == _MARGIN_RETRIES:
+            if (
+                check.verified
+                or attempt == _MARGIN_RETRIES
+                or outcome.status is not SolveStatus.OPTIMAL
+            ):
                 break
+            attempt += 1
             margin *= 10
         bound = outcome.bound
         gap = None if bound is None else max(0.0, check.cost - bound)
@@ -161,18 +173,28 @@ class RecourseSolver:
 
     # -- steps -------------------------------------------------------------------------
 
-    def _solve_with_cuts(self, ctx: PersonContext) -> tuple[BackendResult, int, float]:
-        """Solve; for the squared cost add tangent cuts at the solution until tight."""
+    def _solve_with_cuts(
+        self, ctx: PersonContext, deadline: float
+    ) -> tuple[BackendResult, int, float]:
+        """Solve; for the squared cost add tangent cuts at the solution until tight.
+
+        Every solve gets the time left until ``deadline``; when it runs out with cuts still
+        violated, the answer is marked ``time_limit`` (its gap says how far it may be off).
+        """
         milp = self.formulation.instantiate(ctx)
         rounds, seconds = 0, 0.0
         while True:
-            outcome = self.backend.solve(milp, self.settings)
+            remaining = max(deadline - time.perf_counter(), 1e-3)
+            settings = dataclasses.replace(self.settings, time_limit=remaining)
+            outcome = self.backend.solve(milp, settings)
             rounds, seconds = rounds + 1, seconds + outcome.runtime_seconds
-            if self.cost.kind != "carma" or outcome.solution is None or rounds >= _MAX_CUT_ROUNDS:
+            if self.cost.kind != "carma" or outcome.solution is None:
                 return outcome, rounds, seconds
             cuts = self._violated_tangents(ctx, outcome.solution)
             if not cuts:
                 return outcome, rounds, seconds
+            if rounds >= _MAX_CUT_ROUNDS or time.perf_counter() >= deadline:
+                return dataclasses.replace(outcome, status=SolveStatus.TIME_LIMIT), rounds, seconds
             milp = _with_rows(milp, cuts)
 
     def _violated_tangents(

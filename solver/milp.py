@@ -108,7 +108,7 @@ class SolverSettings:
     """Settings every backend honours."""
 
     time_limit: float = 60.0
-    """Seconds per solve."""
+    """Seconds for one person: every solve behind one answer shares it."""
     threads: int = 1
     mip_rel_gap: float = 0.0
     mip_abs_gap: float = 0.0
