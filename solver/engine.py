@@ -13,6 +13,7 @@ larger validity margin (at most twice); if it still fails it is returned with
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -45,6 +46,9 @@ class EngineOptions:
     """Values per feature of the incumbent grid search (0: no incumbent box)."""
     tangents: int = 9
     breakpoints: int = 16
+    mask_features: int = 4
+    """With an incumbent, solve one small MILP per set of acted-on features (a mask) when
+    at most this many features need enumerating (0: always one MILP)."""
 
 
 class RecourseSolver:
@@ -109,20 +113,32 @@ class RecourseSolver:
         deadline = start + self.settings.time_limit
         attempt = 0
         while True:
-            ctx = self.formulation.context(
-                x, constraints, noise=noise, cost_budget=budget, margin=margin
-            )
-            outcome, rounds, seconds = self._solve_with_cuts(ctx, deadline)
+            masks = None
+            if budget is not None:
+                masks = self._masks(x, constraints, open_ctx.intervention)
+            if masks is not None:
+                outcome, ctx, rounds, seconds = self._solve_by_masks(
+                    x, constraints, noise, budget, margin, deadline, *masks
+                )
+            else:
+                ctx = self.formulation.context(
+                    x, constraints, noise=noise, cost_budget=budget, margin=margin
+                )
+                outcome, rounds, seconds = self._solve_with_cuts(ctx, deadline)
             solves, solve_seconds = solves + rounds, solve_seconds + seconds
             if outcome.status is SolveStatus.INFEASIBLE and budget is not None:
                 # The incumbent proves a solution exists; tolerances must have cut it off.
                 budget = None
                 continue
-            if outcome.solution is not None:
-                intervene, values = self._read_action(outcome.solution)
-            elif outcome.status is SolveStatus.TIME_LIMIT and incumbent is not None:
-                # Out of time before the solver found anything: the grid action is valid.
+            if (
+                outcome.status is SolveStatus.TIME_LIMIT
+                and incumbent is not None
+                and (outcome.objective is None or outcome.objective > incumbent.cost)
+            ):
+                # Out of time without anything better than the grid action: return that.
                 intervene, values = incumbent.intervene, incumbent.values
+            elif outcome.solution is not None:
+                intervene, values = self._read_action(outcome.solution)
             else:
                 return self._without_action(
                     outcome,
@@ -172,6 +188,105 @@ class RecourseSolver:
         )
 
     # -- steps -------------------------------------------------------------------------
+
+    def _masks(
+        self,
+        x: FloatArray,
+        constraints: PersonConstraints,
+        intervention: dict[str, tuple[float, float]],
+    ) -> tuple[frozenset[str], list[tuple[str, ...]]] | None:
+        """Features acted on in every subproblem, and the masks over the others.
+
+        None: solve one MILP instead. A feature no action can move otherwise (its parents
+        are out of reach), whose current value this person may set, costs nothing to "act
+        on" at its current value, so it needs no mask of its own (with no sparsity cost and
+        no limit on the number of changes); the others are enumerated.
+        """
+        f, scm = self.formulation, self.scm
+        reachable = set(f.reachable)
+        free: list[str] = []
+        if self.cost.sparsity == 0 and constraints.max_changes is None:
+            free = [
+                k
+                for k in f.actionable
+                if k in intervention
+                and not set(scm.variables[scm.index[k]].parents) & reachable
+                and intervention[k][0] <= x[scm.index[k]] <= intervention[k][1]
+            ]
+        rest = [k for k in f.actionable if k in intervention and k not in free]
+        if len(rest) > self.options.mask_features:
+            return None
+        limit = len(rest) if constraints.max_changes is None else constraints.max_changes
+        masks = [
+            mask
+            for size in range(min(len(rest), limit) + 1)
+            for mask in itertools.combinations(rest, size)
+        ]
+        return frozenset(free), masks
+
+    def _solve_by_masks(
+        self,
+        x: FloatArray,
+        constraints: PersonConstraints,
+        noise: FloatArray,
+        budget: float,
+        margin: float,
+        deadline: float,
+        free: frozenset[str],
+        masks: list[tuple[str, ...]],
+    ) -> tuple[BackendResult, PersonContext, int, float]:
+        """One MILP per mask, smallest first, the best cost so far the next one's budget.
+
+        In a mask's MILP its features and the free ones are acted on (m = 1) and the other
+        enumerated features are locked: fewer inputs move, the boxes are smaller and far
+        fewer neurons are unstable. A mask whose classifier bound cannot reach the
+        threshold within the budget is skipped without a solve. The answer is optimal when
+        every mask was solved or skipped; a mask stopped by the time limit makes it
+        ``time_limit``.
+        """
+        f, clf = self.formulation, self.classifier
+        enumerated = {k for mask in masks for k in mask}
+        best: tuple[BackendResult, PersonContext] | None = None
+        unfinished: BackendResult | None = None
+        rounds, seconds = 0, 0.0
+        ctx = None
+        for mask in masks:
+            locked = dataclasses.replace(
+                constraints, locks=constraints.locks | (enumerated - set(mask))
+            )
+            ctx = f.context(
+                x, locked, noise=noise, cost_budget=budget, margin=margin, forced=free | set(mask)
+            )
+            if not set(mask) <= set(ctx.intervention):
+                continue  # a feature of this mask has no value within the budget
+            if ctx.neuron_bounds[-1][1][0] < clf.logit_threshold + ctx.margin:
+                continue  # proven: no action of this mask is valid within the budget
+            outcome, r, sec = self._solve_with_cuts(ctx, deadline)
+            rounds, seconds = rounds + r, seconds + sec
+            if outcome.status not in (SolveStatus.OPTIMAL, SolveStatus.INFEASIBLE):
+                unfinished = outcome
+            if outcome.objective is not None and (
+                best is None or outcome.objective < best[0].objective  # type: ignore[operator]
+            ):
+                best = (outcome, ctx)
+                budget = min(budget, outcome.objective * (1 + 1e-6) + 1e-9)
+        assert ctx is not None  # masks always holds at least the empty mask
+        if best is None:
+            if unfinished is not None:
+                return unfinished, ctx, rounds, seconds
+            infeasible = BackendResult(
+                SolveStatus.INFEASIBLE, None, None, None, seconds, "no mask has a valid action"
+            )
+            return infeasible, ctx, rounds, seconds
+        outcome, best_ctx = best
+        if unfinished is not None:
+            bound = unfinished.bound
+            outcome = dataclasses.replace(
+                outcome,
+                status=unfinished.status,
+                bound=None if bound is None else min(bound, outcome.objective or bound),
+            )
+        return outcome, best_ctx, rounds, seconds
 
     def _solve_with_cuts(
         self, ctx: PersonContext, deadline: float

@@ -99,6 +99,8 @@ class PersonContext:
     margin: float
     """Validity margin in logit units for this solve."""
     tangent_points: dict[str, FloatArray] = field(default_factory=dict)
+    forced: frozenset[str] = frozenset()
+    """Features this solve acts on for sure (m_k = 1): the engine's mask decomposition."""
 
     def point(self, node: Expr) -> float:
         return float(self.nodes[id(node)][0])
@@ -323,7 +325,7 @@ class RecourseFormulation:
         self.m_col = {
             k: t.add_col(
                 f"act[{k}]",
-                0.0,
+                lambda ctx, k=k: 1.0 if k in ctx.forced else 0.0,
                 lambda ctx, k=k: 1.0 if k in ctx.intervention else 0.0,
                 cost=self.cost.sparsity,
                 integer=True,
@@ -355,6 +357,28 @@ class RecourseFormulation:
             lambda ctx: (
                 INF if ctx.constraints.max_changes is None else float(ctx.constraints.max_changes)
             ),
+        )
+        # The objective is at most the cost of a known action (the budget): redundant for
+        # the MILP, but the LP relaxation then spends one budget over all features instead
+        # of granting each feature its own.
+        objective: dict[int, Coef] = {self.c_col[k]: 1.0 for k in self.actionable}
+        if self.cost.sparsity:
+            objective.update({self.m_col[k]: self.cost.sparsity for k in self.actionable})
+        objective.update(
+            {
+                self.v_col[k]: lambda ctx, k=k: (
+                    ctx.constraints.soft_limits[k].penalty
+                    if k in ctx.constraints.soft_limits
+                    else 0.0
+                )
+                for k in self.actionable
+            }
+        )
+        t.add_row(
+            "cost_budget",
+            objective,
+            -INF,
+            lambda ctx: INF if ctx.cost_budget is None else _widen_high(ctx.cost_budget),
         )
         self._add_classifier_rows()
 
@@ -735,11 +759,14 @@ class RecourseFormulation:
         noise: FloatArray | None = None,
         cost_budget: float | None = None,
         margin: float | None = None,
+        forced: frozenset[str] = frozenset(),
     ) -> PersonContext:
         """Intervals, ranges and neuron bounds for one person (the per-person numbers).
 
         ``cost_budget``: the cost of a known valid action; restricts every intervention to
         the box of changes that could still be cheaper (see the module docstring).
+        ``forced``: features this solve acts on for sure (m_k fixed to 1); their value is the
+        value set, within the intervention range, and they pay for their whole change.
         """
         scm = self.scm
         x = np.asarray(x, dtype=float)
@@ -778,7 +805,9 @@ class RecourseFormulation:
             lo, hi = evaluate_interval(var.equation, env, nodes)
             self._bound_extra_nodes(nodes)
             natural[var.name] = (float(lo), float(hi))
-            if var.name in intervention:
+            if var.name in forced and var.name in intervention:
+                lo, hi = intervention[var.name]
+            elif var.name in intervention:
                 ilo, ihi = intervention[var.name]
                 lo, hi = min(lo, ilo), max(hi, ihi)
             box[var.name] = (float(lo), float(hi))
@@ -793,6 +822,7 @@ class RecourseFormulation:
             neuron_bounds=[],
             cost_budget=cost_budget,
             margin=self.margin if margin is None else margin,
+            forced=frozenset(forced) & frozenset(intervention),
         )
         ctx.neuron_bounds = self._neuron_bounds(ctx)
         if self.cost.kind == "carma":
@@ -853,11 +883,16 @@ class RecourseFormulation:
         their box.
         """
         reachable = set(self.reachable)
+        # A feature acted on for sure (forced) also pays for its whole change; the knapsack
+        # below starts from the factual value, so that value must lie in its box.
         roots = np.array(
             [
-                name in self.actionable
-                and not set(self.scm.variables[self.scm.index[name]].parents) & reachable
-                for name in free
+                (name in ctx.forced and lo <= ctx.x[self.scm.index[name]] <= hi)
+                or (
+                    name in self.actionable
+                    and not set(self.scm.variables[self.scm.index[name]].parents) & reachable
+                )
+                for name, lo, hi in zip(free, lower, upper, strict=True)
             ]
         )
         factual = np.array([ctx.x[self.scm.index[n]] for n in free])
