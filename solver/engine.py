@@ -2,8 +2,9 @@
 
 Per person: (1) the factual row's noise is abducted; (2) a grid search with a line search
 finds a cheap valid action, whose cost bounds the search box; (3) the MILP is filled with
-this person's numbers and solved; for the squared cost, tangent cuts are added at the
-solution until the true cost meets the proven bound; (4) the action is read off (binaries
+this person's numbers and solved, one small MILP per set of acted-on features (mask) when
+there are few to enumerate; for the squared cost, tangent cuts are added at the solution
+until the true cost meets the proven bound; (4) the action is read off (binaries
 rounded), re-simulated through the exact causal model and classifier, and checked against
 every hard constraint. An answer that fails verification is re-solved with a ten times
 larger validity margin (at most twice); if it still fails it is returned with
