@@ -67,7 +67,7 @@ def main() -> None:
             for person in people:
                 start = time.perf_counter()
                 noise = scm.abduct_noise(person[None, :])[0]
-                ranges = solver.formulation.context(person, constraints, noise=noise).intervention
+                ranges = solver.formulation.intervention_ranges(person, constraints)
                 found = grid_search(
                     scm,
                     clf,

@@ -92,9 +92,9 @@ class RecourseSolver:
         if factual_probability >= clf.threshold:
             return self._already_accepted(x, factual_probability, constraints, start)
 
-        open_ctx = self.formulation.context(x, constraints, noise=noise)
+        ranges = self.formulation.intervention_ranges(x, constraints)
         incumbent = None
-        if self.options.incumbent_grid > 0 and open_ctx.intervention:
+        if self.options.incumbent_grid > 0 and ranges:
             incumbent = grid_search(
                 scm,
                 clf,
@@ -102,7 +102,7 @@ class RecourseSolver:
                 x,
                 noise,
                 constraints,
-                open_ctx.intervention,
+                ranges,
                 values_per_feature=self.options.incumbent_grid,
                 logit_margin=self.options.margin,
                 refine=True,
@@ -116,7 +116,7 @@ class RecourseSolver:
         while True:
             masks = None
             if budget is not None:
-                masks = self._masks(x, constraints, open_ctx.intervention)
+                masks = self._masks(x, constraints, ranges)
             if masks is not None:
                 outcome, ctx, rounds, seconds = self._solve_by_masks(
                     x, constraints, noise, budget, margin, deadline, *masks
@@ -173,14 +173,8 @@ class RecourseSolver:
             factual_probability=factual_probability,
             verified=check.verified,
             verification_failures=check.failures,
-            solver=SolverInfo(
-                self.backend.name,
-                self.backend_version,
-                time.perf_counter() - start,
-                solve_seconds,
-                gap,
-                solves,
-                incumbent.cost if incumbent else None,
+            solver=self._info(
+                start, solves, solve_seconds, gap, incumbent.cost if incumbent else None
             ),
             cost_bound=bound,
             interpolation_error=self.formulation.interpolation_error(ctx),

@@ -751,6 +751,38 @@ class RecourseFormulation:
 
     # -- per person --------------------------------------------------------------------
 
+    def intervention_ranges(
+        self, x: FloatArray, constraints: PersonConstraints, cost_budget: float | None = None
+    ) -> dict[str, tuple[float, float]]:
+        """Per feature this person may act on: the interval of values they may set.
+
+        Domain, personal bounds and direction, and the incumbent box when ``cost_budget``
+        is given; integer features get integer ends. Features with an empty range are left
+        out.
+        """
+        scm = self.scm
+        intervention: dict[str, tuple[float, float]] = {}
+        for k in self.actionable:
+            if k in constraints.locks:
+                continue
+            var = scm.variables[scm.index[k]]
+            lo, hi = constraints.bounds.get(k, (var.lower, var.upper))
+            xk = x[scm.index[k]]
+            direction = constraints.directions.get(k)
+            if direction == "increase":
+                lo = max(lo, xk)
+            elif direction == "decrease":
+                hi = min(hi, xk)
+            if cost_budget is not None:
+                reach = self.cost.max_change(k, constraints.weight(k), cost_budget)
+                reach = reach * (1 + 1e-7) + 1e-9
+                lo, hi = max(lo, xk - reach), min(hi, xk + reach)
+            if var.type is not VariableType.CONTINUOUS:
+                lo, hi = float(np.ceil(lo - 1e-9)), float(np.floor(hi + 1e-9))
+            if lo <= hi:
+                intervention[k] = (float(lo), float(hi))
+        return intervention
+
     def context(
         self,
         x: FloatArray,
@@ -772,26 +804,7 @@ class RecourseFormulation:
         x = np.asarray(x, dtype=float)
         if noise is None:
             noise = scm.abduct_noise(x[None, :])[0]
-        intervention: dict[str, tuple[float, float]] = {}
-        for k in self.actionable:
-            if k in constraints.locks:
-                continue
-            var = scm.variables[scm.index[k]]
-            lo, hi = constraints.bounds.get(k, (var.lower, var.upper))
-            xk = x[scm.index[k]]
-            direction = constraints.directions.get(k)
-            if direction == "increase":
-                lo = max(lo, xk)
-            elif direction == "decrease":
-                hi = min(hi, xk)
-            if cost_budget is not None:
-                reach = self.cost.max_change(k, constraints.weight(k), cost_budget)
-                reach = reach * (1 + 1e-7) + 1e-9
-                lo, hi = max(lo, xk - reach), min(hi, xk + reach)
-            if var.type is not VariableType.CONTINUOUS:
-                lo, hi = float(np.ceil(lo - 1e-9)), float(np.floor(hi + 1e-9))
-            if lo <= hi:
-                intervention[k] = (float(lo), float(hi))
+        intervention = self.intervention_ranges(x, constraints, cost_budget)
         box: dict[str, tuple[float, float]] = {}
         natural: dict[str, tuple[float, float]] = {}
         nodes: dict[int, Interval] = {}

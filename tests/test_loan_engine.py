@@ -56,7 +56,7 @@ def check_people(scm, clf, cost_kind, people, backends, seed):
             assert result.verified, (i, raw, backend, result.verification_failures)
             assert not set(result.action) & constraints.locks, (i, raw, backend)
             assert result.cost == pytest.approx(reference.cost, rel=1e-6, abs=1e-9), (i, backend)
-        ctx = solvers[backends[0]].formulation.context(x, constraints)
+        ranges = solvers[backends[0]].formulation.intervention_ranges(x, constraints)
         noise = scm.abduct_noise(x[None, :])[0]
         grid = grid_search(
             scm,
@@ -65,7 +65,7 @@ def check_people(scm, clf, cost_kind, people, backends, seed):
             x,
             noise,
             constraints,
-            ctx.intervention,
+            ranges,
             values_per_feature=8,
             logit_margin=margin,
         )

@@ -80,10 +80,8 @@ def test_recourse_through_non_linear_equations(backend, weights, bias) -> None:
     constraints = parse_constraints({}, scm)
     result = solver.solve(x, constraints)
     noise = np.zeros(4)
-    ctx = solver.formulation.context(x, constraints)
-    grid = grid_search(
-        scm, clf, cost, x, noise, constraints, ctx.intervention, values_per_feature=4001
-    )
+    ranges = solver.formulation.intervention_ranges(x, constraints)
+    grid = grid_search(scm, clf, cost, x, noise, constraints, ranges, values_per_feature=4001)
     if grid is None:
         assert result.status is SolveStatus.INFEASIBLE
         return
