@@ -10,6 +10,7 @@ it gives the exact engine a cheap valid action whose cost bounds the search box.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,41 @@ def grid_search(
     logit_margin``. ``refine`` adds a line search between the factual row and the best
     grid action (cheap, and usually much closer to the optimum).
     """
+    found = grid_search_by_mask(
+        scm,
+        classifier,
+        cost,
+        x,
+        noise,
+        constraints,
+        ranges,
+        (),
+        values_per_feature=values_per_feature,
+        logit_margin=logit_margin,
+        refine=refine,
+    )
+    return found.get(frozenset())
+
+
+def grid_search_by_mask(
+    scm: StructuralCausalModel,
+    classifier: Classifier,
+    cost: CostProfile,
+    x: FloatArray,
+    noise: FloatArray,
+    constraints: PersonConstraints,
+    ranges: dict[str, tuple[float, float]],
+    enumerated: Sequence[str],
+    *,
+    values_per_feature: int = 15,
+    logit_margin: float = 0.0,
+    refine: bool = False,
+) -> dict[frozenset[str], GridAction]:
+    """:func:`grid_search`, keeping the cheapest valid action per mask.
+
+    A grid action's mask is the set of ``enumerated`` features it acts on; masks with no
+    valid grid action are absent. The engine orders its per-mask MILPs by these costs.
+    """
     names = [name for name in scm.names if name in ranges]
     options = []
     for name in names:
@@ -61,8 +97,9 @@ def grid_search(
             grid = np.unique(np.round(grid))
         options.append([np.nan, *grid])  # nan: leave the feature alone
     columns = [scm.index[name] for name in names]
+    keyed = [scm.index[name] for name in enumerated if name in ranges]
     threshold = classifier.logit_threshold + logit_margin
-    best: GridAction | None = None
+    best: dict[frozenset[str], GridAction] = {}
     simulated = 0
     for chunk in _chunks(itertools.product(*options), _CHUNK) if options else []:
         table = np.array(chunk, dtype=float).reshape(len(chunk), len(names))
@@ -74,24 +111,47 @@ def grid_search(
             keep = intervene.sum(axis=1) <= constraints.max_changes
             intervene, values = intervene[keep], values[keep]
         simulated += len(intervene)
-        best = _better(
-            best,
-            _cheapest_valid(
-                scm,
-                classifier,
-                cost,
-                x,
-                noise,
-                constraints,
-                intervene,
-                values,
-                threshold,
-                simulated,
-            ),
+        costs = _valid_costs(
+            scm, classifier, cost, x, noise, constraints, intervene, values, threshold
         )
-    if best is not None and refine:
-        best = _line_search(scm, classifier, cost, x, noise, constraints, best, threshold, ranges)
+        keys = intervene[:, keyed] @ (1 << np.arange(len(keyed)))
+        for key in np.unique(keys[np.isfinite(costs)]):
+            i = int(np.argmin(np.where(keys == key, costs, np.inf)))
+            mask = frozenset(scm.names[k] for k in keyed if intervene[i, k])
+            found = GridAction(intervene[i].copy(), values[i].copy(), float(costs[i]), simulated)
+            best[mask] = _better(best.get(mask), found)  # type: ignore[assignment]
+    if refine:
+        best = {
+            mask: _line_search(
+                scm, classifier, cost, x, noise, constraints, action, threshold, ranges
+            )
+            for mask, action in best.items()
+        }
     return best
+
+
+def _valid_costs(
+    scm: StructuralCausalModel,
+    classifier: Classifier,
+    cost: CostProfile,
+    x: FloatArray,
+    noise: FloatArray,
+    constraints: PersonConstraints,
+    intervene: BoolArray,
+    values: FloatArray,
+    threshold: float,
+) -> FloatArray:
+    """Each action's cost, inf where it is not valid."""
+    if len(intervene) == 0:
+        return np.zeros(0)
+    rows = np.broadcast_to(x, intervene.shape)
+    counterfactual = scm.propagate_counterfactual(
+        rows, intervene, values, np.broadcast_to(noise, intervene.shape)
+    )
+    valid = classifier.logit(counterfactual) >= threshold
+    if not valid.any():
+        return np.full(len(intervene), np.inf)
+    return np.where(valid, cost.cost(scm.names, x, intervene, values, constraints), np.inf)
 
 
 def _cheapest_valid(
@@ -106,16 +166,9 @@ def _cheapest_valid(
     threshold: float,
     simulated: int,
 ) -> GridAction | None:
-    if len(intervene) == 0:
+    costs = _valid_costs(scm, classifier, cost, x, noise, constraints, intervene, values, threshold)
+    if not np.isfinite(costs).any():
         return None
-    rows = np.broadcast_to(x, intervene.shape)
-    counterfactual = scm.propagate_counterfactual(
-        rows, intervene, values, np.broadcast_to(noise, intervene.shape)
-    )
-    valid = classifier.logit(counterfactual) >= threshold
-    if not valid.any():
-        return None
-    costs = np.where(valid, cost.cost(scm.names, x, intervene, values, constraints), np.inf)
     i = int(np.argmin(costs))
     return GridAction(intervene[i].copy(), values[i].copy(), float(costs[i]), simulated)
 

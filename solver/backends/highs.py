@@ -54,6 +54,9 @@ _HEURISTICS_OFF = {
     "mip_heuristic_run_feasibility_jump": False,
     "mip_heuristic_run_root_reduced_cost": False,
 }
+# Restarting the search after root presolve reductions cost 30% in total on ReLU
+# classifiers (benchmarks/RESULTS.md) and did not help the small linear ones.
+_SEARCH = {"mip_allow_restart": False}
 
 
 class HighsBackend(Backend):
@@ -68,6 +71,8 @@ class HighsBackend(Backend):
         # The process-wide scheduler keeps the first thread count it sees: set 1 first.
         self._highs.setOptionValue("threads", 1)
         self._highs.setOptionValue("output_flag", False)
+        for option, value in _SEARCH.items():
+            self._highs.setOptionValue(option, value)
         if not heuristics:
             for option, value in _HEURISTICS_OFF.items():
                 self._highs.setOptionValue(option, value)
