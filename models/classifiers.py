@@ -100,7 +100,7 @@ class Classifier:
         q: FloatArray,
         lower: FloatArray,
         upper: FloatArray,
-        linear_range: Callable[[FloatArray], tuple[FloatArray, FloatArray]] | None = None,
+        linear_max: Callable[[FloatArray], FloatArray] | None = None,
     ) -> list[tuple[FloatArray, FloatArray]]:
         """Bounds of every layer's pre-activations for inputs ``x = P y + q``, y in a box.
 
@@ -109,8 +109,8 @@ class Classifier:
         box of x. Much tighter than interval arithmetic from the second layer on, and it
         keeps correlations between inputs (a feature that moves with another).
 
-        ``linear_range(G)``, when given, returns the minimum and maximum of each row of
-        ``G @ y`` over the set y lives in (a subset of the box, e.g. a cost budget).
+        ``linear_max(G)``, when given, returns the maximum of each row of ``G @ y`` over
+        the set y lives in (a subset of the box, e.g. a cost budget).
         """
         P, q = np.asarray(P, dtype=float), np.asarray(q, dtype=float)
         lower, upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
@@ -139,18 +139,22 @@ class Classifier:
                     const = const + coef @ self.layers[back].bias
                     coef = coef @ self.layers[back].weights.T
                 const = const + coef @ input_offset
-                coef = coef @ input_map
-                if linear_range is not None:
-                    low_side, high_side = linear_range(coef)
-                    sides.append((high_side if upper_side else low_side) + const)
-                    continue
-                pos, neg = np.maximum(coef, 0), np.minimum(coef, 0)
-                if upper_side:
-                    sides.append(pos @ upper + neg @ lower + const)
-                else:
-                    sides.append(pos @ lower + neg @ upper + const)
-            lo = np.maximum(sides[0], interval[index][0])
-            hi = np.minimum(sides[1], interval[index][1])
+                sides.append((coef @ input_map, const))
+            (low_coef, low_const), (high_coef, high_const) = sides
+            if linear_max is not None:
+                # One call for both sides: min of G y is -max of (-G) y.
+                n = len(low_coef)
+                extremes = linear_max(np.vstack([-low_coef, high_coef]))
+                low_side, high_side = -extremes[:n] + low_const, extremes[n:] + high_const
+            else:
+                low_side = (
+                    np.maximum(low_coef, 0) @ lower + np.minimum(low_coef, 0) @ upper + low_const
+                )
+                high_side = (
+                    np.maximum(high_coef, 0) @ upper + np.minimum(high_coef, 0) @ lower + high_const
+                )
+            lo = np.maximum(low_side, interval[index][0])
+            hi = np.minimum(high_side, interval[index][1])
             bounds.append((lo, hi))
             if index < len(self.layers) - 1:
                 unstable = (lo < 0) & (hi > 0)

@@ -878,15 +878,15 @@ class RecourseFormulation:
                 q[i] = ctx.box[name][0]
         lower = np.array([ctx.box[n][0] for n in free])
         upper = np.array([ctx.box[n][1] for n in free])
-        linear_range = None
+        linear_max = None
         if ctx.cost_budget is not None:
-            linear_range = self._budget_range(ctx, free, lower, upper)
-        return self.classifier.preactivation_bounds_affine(P, q, lower, upper, linear_range)
+            linear_max = self._budget_maximum(ctx, free, lower, upper)
+        return self.classifier.preactivation_bounds_affine(P, q, lower, upper, linear_max)
 
-    def _budget_range(
+    def _budget_maximum(
         self, ctx: PersonContext, free: list[str], lower: FloatArray, upper: FloatArray
-    ) -> Callable[[FloatArray], tuple[FloatArray, FloatArray]]:
-        """Range of G @ y over the box cut by the cost budget C0.
+    ) -> Callable[[FloatArray], FloatArray]:
+        """Maximum of each row of G @ y over the box cut by the cost budget C0.
 
         A feature whose parents no action can reach sits at its factual value unless acted
         on, and then pays for its whole change, so the changes of such features share the
@@ -941,7 +941,7 @@ class RecourseFormulation:
             )
             return base + (gain_sorted * room_sorted * fraction).sum(axis=1)
 
-        return lambda G: (-maximum(-G), maximum(G))
+        return maximum
 
     def _bound_extra_nodes(self, nodes: dict[int, Interval]) -> None:
         # Nodes the linearization created (folded max/min pairs, -a inside abs) are not in
