@@ -72,8 +72,10 @@ from solver.milp import FloatArray, NumericMILP
 
 INF = np.inf
 # Slack added to interval-derived bounds and big-M constants so that rounding in the
-# interval arithmetic never cuts off a feasible point.
-_PAD_REL, _PAD_ABS = 1e-9, 1e-9
+# interval arithmetic never cuts off a feasible point. The absolute part stays above
+# 1e-9: HiGHS drops matrix entries at or below that (small_matrix_value), and a dropped
+# big-M of a feature fixed by a lock made it report its own optimum as a solve error.
+_PAD_REL, _PAD_ABS = 1e-9, 1e-8
 
 
 class FormulationError(ValueError):
