@@ -104,3 +104,22 @@ def test_mlp_backends_agree_verified_and_not_beaten_by_the_grid(
         seed=6,
         cross_check=MLP_CROSS_CHECK[cost_kind],
     )
+
+
+def test_locked_features_do_not_turn_an_optimum_into_a_solve_error(loan_scm, loan_lr) -> None:
+    # A person of benchmarks/agreement.py: with education locked, its big-M constants were
+    # 1e-9, which HiGHS drops; it then called its own optimum a solve error.
+    x = np.array([0.0, 4.965392007387685, -0.005015118281110953, 2.8719228680293662,
+                  3.84893729534131, 0.5925322294009042, 1.356025240722015])  # fmt: skip
+    raw = {
+        "lock": ["education", "income"],
+        "rank": ["income", "loan_amount", "education", "savings"],
+        "soft_limits": {"savings": {"limit": 10.013824190249112, "penalty": 0.178202951659058}},
+    }
+    constraints = parse_constraints(raw, loan_scm)
+    cost = CostProfile.for_model("l1", loan_scm, loan_lr)
+    for backend in available_backends():
+        result = RecourseSolver(loan_scm, loan_lr, cost, backend=backend).solve(x, constraints)
+        assert result.status is SolveStatus.OPTIMAL, (backend, result.message)
+        assert result.verified
+        assert result.cost == pytest.approx(0.16976213113, rel=1e-6)
