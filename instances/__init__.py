@@ -13,7 +13,7 @@ from typing import Any
 from models.classifiers import Classifier
 from models.scm import StructuralCausalModel
 
-DATASETS = ("loan",)
+DATASETS = ("loan", "gsmc")
 CLASSIFIER_KINDS = ("lr", "mlp")
 
 

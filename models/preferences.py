@@ -1,7 +1,8 @@
 """One person's individual actionability: hard constraints and soft preferences.
 
 Hard constraints (never violated by an answer):
-- ``locks``: features this person cannot change;
+- ``locks``: features this person cannot change (a categorical feature's name locks all of
+  its one-hot levels);
 - ``bounds``: the interval a value this person sets must lie in;
 - ``directions``: ``increase`` (the new value is at least the current one) or ``decrease``;
 - ``max_changes``: the most features acted on.
@@ -187,7 +188,16 @@ def parse_constraints(
     locks_raw = raw.get("lock", [])
     if isinstance(locks_raw, str) or not isinstance(locks_raw, Sequence):
         raise PreferenceError(f"The 'lock' of {who} must be a list of features. Got {locks_raw!r}.")
-    locks = frozenset(check_feature(n, "lock", actionable_only=False) for n in locks_raw)
+    # A categorical feature's name locks all of its one-hot levels.
+    locks = frozenset(
+        level
+        for n in locks_raw
+        for level in (
+            scm.one_hot[n]
+            if isinstance(n, str) and n in scm.one_hot
+            else (check_feature(n, "lock", actionable_only=False),)
+        )
+    )
 
     bounds: dict[str, tuple[float, float]] = {}
     for name, pair in _mapping(raw.get("bounds", {}), "bounds", who).items():

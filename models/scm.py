@@ -70,16 +70,21 @@ class Role(enum.StrEnum):
 
 @dataclass(frozen=True)
 class NoiseDistribution:
-    """The distribution of one exogenous term."""
+    """The distribution of one exogenous term.
+
+    ``discrete`` is a finite law: ``values`` and their ``probabilities`` (lists); it gives
+    count features (whole numbers) and laws estimated from data.
+    """
 
     kind: str
-    params: Mapping[str, float]
+    params: Mapping[str, float | tuple[float, ...]]
 
     _PARAMS = {
         "normal": ("sd",),
         "gamma": ("shape", "scale"),
         "bernoulli": ("p",),
         "uniform": ("low", "high"),
+        "discrete": ("values", "probabilities"),
     }
 
     @classmethod
@@ -90,7 +95,9 @@ class NoiseDistribution:
                 f"The 'noise.distribution' of {where} must be one of {sorted(cls._PARAMS)}. "
                 f"Got {kind!r} instead."
             )
-        params = {}
+        if kind == "discrete":
+            return cls(kind, _discrete_params(data, where))
+        params: dict[str, float | tuple[float, ...]] = {}
         for name in cls._PARAMS[kind]:
             value = data.get(name)
             if not isinstance(value, int | float) or not np.isfinite(value):
@@ -102,27 +109,65 @@ class NoiseDistribution:
         return cls(kind, params)
 
     def sample(self, rng: np.random.Generator, n: int) -> FloatArray:
-        p = self.params
+        p: Any = self.params
         if self.kind == "normal":
             return rng.normal(0.0, p["sd"], n)
         if self.kind == "gamma":
             return rng.gamma(p["shape"], p["scale"], n)
         if self.kind == "bernoulli":
             return (rng.random(n) < p["p"]).astype(float)
+        if self.kind == "discrete":
+            return rng.choice(np.array(p["values"]), size=n, p=np.array(p["probabilities"]))
         return rng.uniform(p["low"], p["high"], n)
 
     def log_density(self, u: FloatArray) -> FloatArray:
-        """Log density (log probability for Bernoulli) of noise values."""
+        """Log density (log probability for Bernoulli and discrete laws) of noise values."""
         from scipy import stats
 
-        p = self.params
+        p: Any = self.params
         if self.kind == "normal":
             return stats.norm.logpdf(u, scale=p["sd"])
         if self.kind == "gamma":
             return stats.gamma.logpdf(u, p["shape"], scale=p["scale"])
         if self.kind == "bernoulli":
             return np.where(u == 1, np.log(p["p"]), np.where(u == 0, np.log1p(-p["p"]), -np.inf))
+        if self.kind == "discrete":
+            u = np.asarray(u, dtype=float)
+            values, probabilities = np.array(p["values"]), np.array(p["probabilities"])
+            match = np.isclose(u[..., None], values, rtol=0.0, atol=1e-9)
+            with np.errstate(divide="ignore"):
+                return np.log(np.where(match, probabilities, 0.0).sum(axis=-1))
         return stats.uniform.logpdf(u, loc=p["low"], scale=p["high"] - p["low"])
+
+
+def _discrete_params(data: Mapping[str, Any], where: str) -> dict[str, tuple[float, ...]]:
+    def numbers(key: str) -> tuple[float, ...] | None:
+        raw = data.get(key)
+        if not isinstance(raw, list) or not raw:
+            return None
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in raw):
+            return None
+        array = tuple(float(v) for v in raw)
+        return array if all(np.isfinite(array)) else None
+
+    values, probabilities = numbers("values"), numbers("probabilities")
+    if values is None or probabilities is None or len(values) != len(probabilities):
+        raise ModelFileError(
+            f"The 'noise.values' and 'noise.probabilities' of {where} (discrete noise) must be "
+            f"non-empty lists of finite numbers of the same length. Got "
+            f"{data.get('values')!r} and {data.get('probabilities')!r} instead."
+        )
+    if len(set(values)) != len(values):
+        raise ModelFileError(
+            f"The 'noise.values' of {where} (discrete noise) must be distinct. Got {values!r}."
+        )
+    total = sum(probabilities)
+    if min(probabilities) < 0 or abs(total - 1.0) > 1e-6:
+        raise ModelFileError(
+            f"The 'noise.probabilities' of {where} (discrete noise) must be >= 0 and sum to 1. "
+            f"Got {list(probabilities)!r} (sum {total:.6g}) instead."
+        )
+    return {"values": values, "probabilities": tuple(q / total for q in probabilities)}
 
 
 @dataclass(frozen=True)
@@ -155,6 +200,9 @@ class StructuralCausalModel:
 
     Arrays hold one row per individual and one column per variable, in the order of
     :attr:`names` (the file's order, which must be topological).
+
+    :attr:`one_hot` maps a categorical feature to its levels: binary root variables of
+    which exactly one is 1 (sampled jointly, kept one-hot by actions).
     """
 
     def __init__(
@@ -164,6 +212,7 @@ class StructuralCausalModel:
         label: Label | None,
         document: Mapping[str, Any],
         variant: str | None = None,
+        one_hot: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.name = name
         self.variant = variant
@@ -171,6 +220,7 @@ class StructuralCausalModel:
         self.names = tuple(v.name for v in self.variables)
         self.index = {n: i for i, n in enumerate(self.names)}
         self.label_spec = label
+        self.one_hot = dict(one_hot or {})
         self._document = document
 
     # -- loading ------------------------------------------------------------------------
@@ -207,10 +257,11 @@ class StructuralCausalModel:
             variables.append(_parse_variable(raw, position, seen))
             seen.add(variables[-1].name)
         _check_roles(variables)
+        one_hot = _parse_one_hot(doc.get("one_hot", {}), variables)
         label = None
         if "label" in doc:
             label = _parse_label(doc["label"], seen)
-        return cls(str(doc.get("name", "model")), variables, label, document, variant)
+        return cls(str(doc.get("name", "model")), variables, label, document, variant, one_hot)
 
     @classmethod
     def from_json(cls, text: str, variant: str | None = None) -> StructuralCausalModel:
@@ -257,7 +308,14 @@ class StructuralCausalModel:
 
     def sample_noise(self, n: int, seed: int | np.random.Generator) -> FloatArray:
         rng = np.random.default_rng(seed)
-        return np.column_stack([v.noise.sample(rng, n) for v in self.variables])
+        noise = np.column_stack([v.noise.sample(rng, n) for v in self.variables])
+        for levels in self.one_hot.values():
+            # One level per row, with the levels' Bernoulli probabilities (they sum to 1).
+            columns = [self.index[level] for level in levels]
+            chances = np.array([self.variables[k].noise.params["p"] for k in columns], float)
+            chosen = rng.choice(len(columns), size=n, p=chances / chances.sum())
+            noise[:, columns] = np.arange(len(columns)) == chosen[:, None]
+        return noise
 
     def generate(self, noise: FloatArray) -> FloatArray:
         """Features from exogenous noise, in topological order (the observational model)."""
@@ -318,6 +376,16 @@ class StructuralCausalModel:
             raise ValueError("This model's label is drawn from a probability: pass a seed.")
         rng = np.random.default_rng(seed)
         return (rng.random(x.shape[0]) < value).astype(float)
+
+    def one_hot_valid(self, x: FloatArray) -> BoolArray:
+        """Per row: every categorical feature has exactly one level at 1, the others at 0."""
+        x = np.atleast_2d(np.asarray(x, dtype=float))
+        valid = np.ones(x.shape[0], dtype=bool)
+        for levels in self.one_hot.values():
+            block = x[:, [self.index[level] for level in levels]]
+            binary = np.all(np.isclose(block, 0.0) | np.isclose(block, 1.0), axis=1)
+            valid &= binary & np.isclose(block.sum(axis=1), 1.0)
+        return valid
 
     def noise_log_likelihood(self, noise: FloatArray) -> FloatArray:
         """Per-row sum of the noise log densities (a plausibility measure)."""
@@ -417,6 +485,58 @@ def _check_roles(variables: Sequence[Variable]) -> None:
             )
         if var.role is Role.ACTIONABLE or moved_by:
             movable.add(var.name)
+
+
+def _parse_one_hot(raw: Any, variables: Sequence[Variable]) -> dict[str, tuple[str, ...]]:
+    """Check the ``one_hot`` groups: {categorical: [level variables]}."""
+    if not isinstance(raw, Mapping):
+        raise ModelFileError(
+            f"The model's 'one_hot' must be an object {{feature: [levels]}}. Got {raw!r} instead."
+        )
+    by_name = {v.name: v for v in variables}
+    groups: dict[str, tuple[str, ...]] = {}
+    used: set[str] = set()
+    for feature, levels in raw.items():
+        where = f"The 'one_hot' levels of {feature!r}"
+        if not isinstance(feature, str) or not feature.isidentifier() or feature in by_name:
+            raise ModelFileError(
+                f"The 'one_hot' feature names must be identifiers that are not variables. "
+                f"Got {feature!r} instead."
+            )
+        if (
+            not isinstance(levels, list)
+            or len(levels) < 2
+            or len(set(levels)) != len(levels)
+            or not all(isinstance(v, str) and v in by_name and v not in used for v in levels)
+        ):
+            raise ModelFileError(
+                f"{where} must list at least two distinct variables that belong to no other "
+                f"group. Got {levels!r} instead."
+            )
+        level_vars = [by_name[level] for level in levels]
+        bad = [
+            v.name
+            for v in level_vars
+            if v.type is not VariableType.BINARY
+            or v.parents
+            or v.equation_text.strip() != NOISE
+            or v.noise.kind != "bernoulli"
+            or v.role is not level_vars[0].role
+        ]
+        if bad:
+            raise ModelFileError(
+                f"{where} must be binary variables with equation {NOISE!r}, Bernoulli noise and "
+                f"the same role. Got {bad} instead."
+            )
+        total = sum(float(v.noise.params["p"]) for v in level_vars)  # type: ignore[arg-type]
+        if abs(total - 1.0) > 1e-6:
+            raise ModelFileError(
+                f"{where} must have Bernoulli probabilities that sum to 1 (the categorical "
+                f"law). Got a sum of {total:.6g} instead."
+            )
+        used.update(levels)
+        groups[feature] = tuple(levels)
+    return groups
 
 
 def _parse_label(raw: Any, names: set[str]) -> Label:

@@ -6,6 +6,11 @@ standardized inputs, a ReLU MLP 32x32 or a logistic regression. Seeded and repro
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 import sklearn
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
@@ -28,10 +33,32 @@ def train_classifier(
     The returned classifier's metadata records the seed, sizes, accuracies on the validation
     and test splits, and the model's content hash.
     """
-    if kind not in ("lr", "mlp"):
-        raise ValueError(f"The classifier 'kind' must be 'lr' or 'mlp'. Got {kind!r} instead.")
     x, _ = scm.sample(n_samples, seed)
     y = scm.label(x, seed=seed + 1)
+    metadata = {"model": scm.name, "model_variant": scm.variant, "model_hash": scm.content_hash()}
+    return fit_classifier(
+        x, y, scm.names, kind, seed=seed, hidden_layers=hidden_layers, metadata=metadata
+    )
+
+
+def fit_classifier(
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.float64],
+    feature_names: Sequence[str],
+    kind: str,
+    *,
+    seed: int = 0,
+    hidden_layers: tuple[int, ...] = (32, 32),
+    metadata: Mapping[str, Any] | None = None,
+) -> Classifier:
+    """Fit a classifier on rows ``x`` and 0/1 labels ``y``, split 0.5 / 0.25 / 0.25 in order.
+
+    ``metadata`` (which model the data comes from) is recorded with the seed, sizes,
+    accuracies per split and the training range of every feature.
+    """
+    if kind not in ("lr", "mlp"):
+        raise ValueError(f"The classifier 'kind' must be 'lr' or 'mlp'. Got {kind!r} instead.")
+    n_samples = len(x)
     n_train, n_val = n_samples // 2, n_samples // 4
     splits = {
         "train": slice(0, n_train),
@@ -58,9 +85,7 @@ def train_classifier(
         f"{name}_accuracy": float(model.score(z[part], y[part])) for name, part in splits.items()
     }
     metadata = {
-        "model": scm.name,
-        "model_variant": scm.variant,
-        "model_hash": scm.content_hash(),
+        **(metadata or {}),
         "seed": seed,
         "n_samples": n_samples,
         "split": [0.5, 0.25, 0.25],
@@ -73,6 +98,12 @@ def train_classifier(
     }
     return Classifier.from_dict(
         Classifier(
-            kind, scm.names, scaler.mean_.copy(), scaler.scale_.copy(), layers, 0.5, metadata
+            kind,
+            tuple(feature_names),
+            scaler.mean_.copy(),
+            scaler.scale_.copy(),
+            layers,
+            0.5,
+            metadata,
         ).to_dict()
     )

@@ -1,9 +1,12 @@
 """The ``recourse`` command line: parse a person and their constraints, solve, explain.
 
-Three commands: ``solve`` (one person's optimal, verified recourse, as text or JSON),
-``backends`` (which solver backends this installation can run) and ``train-classifier``
-(retrain the built-in classifiers). The CLI parses, calls the engine and prints; every
-rule about people, constraints and costs lives in ``models`` and ``solver``.
+Commands: ``solve`` (one person's optimal, verified recourse, as text or JSON),
+``backends`` (which solver backends this installation can run), ``train-classifier``
+(retrain the built-in classifiers), ``fit`` (a causal model and classifier from your own
+table and causal graph) and ``label`` (labels for a whole population, with
+simulated preference elicitation, resumable, on several processes or a Dask cluster). The
+CLI parses, calls the engine and prints; every rule about people, constraints and costs
+lives in ``models`` and ``solver``.
 """
 
 from __future__ import annotations
@@ -25,12 +28,25 @@ import numpy as np
 from instances import CLASSIFIER_KINDS, DATASETS, classifier_path, load_classifier, load_scm
 from models.classifiers import Classifier, ClassifierFileError
 from models.costs import COST_KINDS, CostProfile
+from models.elicitation import DEFAULT_SCHEME, SCHEMES, ElicitationError
+from models.fitting import FitError, encode_rows, fit_model, read_model, read_table, write_model
+from models.graph import GraphError, read_graph
 from models.preferences import PersonConstraints, PreferenceError, parse_constraints
 from models.scm import ModelFileError, StructuralCausalModel, Variable, VariableType
 from models.training import train_classifier
 from solver.backends import DEFAULT_BACKEND, backend_class, backend_names
 from solver.backends.base import BackendUnavailableError
 from solver.engine import EngineOptions, RecourseSolver
+from solver.labels import (
+    DEFAULT_CHUNK_SIZE,
+    LabelInputError,
+    LabelJob,
+    LabelRunError,
+    OutputConflictError,
+    read_people,
+    run_job,
+    sample_population,
+)
 from solver.milp import SolverSettings, SolveStatus
 from solver.result import RecourseResult
 
@@ -46,6 +62,8 @@ EXIT_TIME_LIMIT = 5
 """The time limit was reached: the best action found is printed, not proven optimal."""
 EXIT_UNVERIFIED = 6
 """The answer failed verification against the exact causal model; printed with the reasons."""
+EXIT_OUTPUT_CONFLICT = 7
+"""``label``: the output belongs to a job with different arguments, or another run writes it."""
 
 POPULATION_SEED = 20241
 """Seed of the built-in population that ``--index`` picks people from."""
@@ -85,6 +103,7 @@ Exit codes:
   {EXIT_SOLVER_FAILURE}  solver failure (error or unknown status, backend unavailable)
   {EXIT_TIME_LIMIT}  time limit reached: best action printed, not proven optimal
   {EXIT_UNVERIFIED}  the answer failed verification (printed anyway, with the failures)
+  {EXIT_OUTPUT_CONFLICT}  label: --out holds a job with different arguments (or is in use)
 """
 
 
@@ -99,12 +118,21 @@ def main() -> None:
 
 
 @dataclass(frozen=True)
+class DataRow:
+    """Row ``row`` (0-based) of the table in ``path``."""
+
+    path: Path
+    row: int
+
+
+@dataclass(frozen=True)
 class Instance:
     """Everything ``solve`` needs, before the causal model and classifier are loaded.
 
-    ``person`` is an individual's features (from an instance file) or the index of a
-    rejected person of the built-in population. ``constraints`` is the raw document that
-    :func:`models.preferences.parse_constraints` validates.
+    ``person`` is an individual's features (from an instance file), the index of a
+    rejected person of the built-in population, or a row of a table. ``constraints`` is the
+    raw document that :func:`models.preferences.parse_constraints` validates. ``model_dir``,
+    a folder written by ``fit``, replaces the built-in ``dataset``.
     """
 
     dataset: str
@@ -113,10 +141,11 @@ class Instance:
     """The person, as error messages name them."""
     source: str
     """Where the person comes from, as error messages name it."""
-    person: Mapping[str, Any] | int
+    person: Mapping[str, Any] | int | DataRow
     constraints: dict[str, Any] = field(default_factory=dict)
     cost: str = DEFAULT_COST
     sparsity: float = 0.0
+    model_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -299,6 +328,27 @@ def _feature_value(var: Variable, value: Any, where: str) -> float:
     return float(value)
 
 
+def table_row(
+    person: DataRow, scm: StructuralCausalModel, encoding: Mapping[str, Any]
+) -> dict[str, float]:
+    """The features of one row of a table (text columns encoded as the model was fitted)."""
+    table = read_table(person.path)
+    if person.row >= len(table):
+        raise click.BadParameter(
+            f"{person.row} is out of range: {person.path.name} has {len(table)} rows; choose "
+            f"a row from 0 to {len(table) - 1}.",
+            param_hint="'--row'",
+        )
+    values = encode_rows(table.iloc[[person.row]], scm, encoding)[0]
+    return dict(zip(scm.names, values.tolist(), strict=True))
+
+
+def model_classifier(model_dir: Path) -> str:
+    """The classifier kind of a model folder: the only one it holds, else the default."""
+    kinds = [kind for kind in CLASSIFIER_KINDS if (model_dir / f"classifier_{kind}.json").exists()]
+    return kinds[0] if len(kinds) == 1 else DEFAULT_CLASSIFIER
+
+
 def rejected_population(scm: StructuralCausalModel, classifier: Classifier) -> np.ndarray:
     """The people of the built-in seeded population that ``classifier`` rejects, in order."""
     x, _ = scm.sample(POPULATION_SIZE, seed=POPULATION_SEED)
@@ -425,6 +475,20 @@ def check_export_path(
     help=f"Built-in classifier (default: the file's, else {DEFAULT_CLASSIFIER}).",
 )
 @click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A model folder written by 'recourse fit', instead of a built-in dataset (its "
+    "classifier: --classifier, else the only one it holds).",
+)
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A .csv or .parquet table of people, one column per feature; with --row.",
+)
+@click.option("--row", type=click.IntRange(min=0), help="Solve for this (0-based) row of --data.")
+@click.option(
     "--lock",
     "locks",
     multiple=True,
@@ -504,6 +568,9 @@ def solve(
     dataset: str | None,
     index: int | None,
     classifier: str | None,
+    model_dir: Path | None,
+    data_path: Path | None,
+    row: int | None,
     locks: tuple[str, ...],
     rank: list[str] | None,
     score: dict[str, float] | None,
@@ -524,21 +591,37 @@ def solve(
     "classifier": "mlp" | "lr", "individual": {feature: value, ...every feature},
     "constraints": {"lock", "bounds", "direction", "max_changes", "rank" | "score" |
     "weights", "soft_limits"}, "cost": {"profile": "l1" | "carma", "sparsity": 0}}, or
-    the --index-th rejected person of the built-in population. Flags override the file:
-    --lock adds locks, --rank/--score replace its preferences, --bound/--direction
-    update single features, the other flags replace its values.
+    the --index-th rejected person of the built-in population, or --row N of the table
+    --data FILE. Flags override the file: --lock adds locks, --rank/--score replace its
+    preferences, --bound/--direction update single features, the other flags replace its
+    values. With --model DIR (from 'recourse fit'), the person is --index N or --data --row.
     """
-    if (instance_json is None) == (index is None):
-        raise click.UsageError("Give either INSTANCE_JSON or --index N (exactly one of them).")
+    if (data_path is None) != (row is None):
+        raise click.UsageError("Give --data FILE and --row N together.")
+    if sum(given is not None for given in (instance_json, index, row)) != 1:
+        raise click.UsageError(
+            "Give either INSTANCE_JSON or --index N or --data FILE --row N (exactly one of them)."
+        )
+    if model_dir is not None and (dataset is not None or instance_json is not None):
+        raise click.UsageError(
+            "--model replaces the built-in dataset: use it with --index N or --data FILE "
+            "--row N, without --dataset or INSTANCE_JSON."
+        )
+    model = DEFAULT_DATASET if model_dir is None else str(model_dir)
+    kind = DEFAULT_CLASSIFIER if model_dir is None else model_classifier(model_dir)
     if instance_json is not None:
         instance = read_instance(instance_json)
+    elif data_path is not None and row is not None:
+        where = f"row {row} of {data_path.name}"
+        instance = Instance(model, kind, where, where, DataRow(data_path, row), model_dir=model_dir)
     else:
         instance = Instance(
-            dataset=DEFAULT_DATASET,
-            classifier=DEFAULT_CLASSIFIER,
+            model,
+            kind,
             who=f"rejected individual {index}",
             source=f"the built-in population (seed {POPULATION_SEED})",
             person=index,
+            model_dir=model_dir,
         )
     flags = Overrides(
         dataset=dataset,
@@ -583,11 +666,17 @@ class Problem:
 def load_problem(instance: Instance) -> Problem:
     """Load the models and check the person and constraints; bad input exits 2."""
     try:
-        scm = load_scm(instance.dataset)
-        classifier = load_classifier(instance.dataset, instance.classifier)
+        encoding: dict[str, Any] = {}  # built-in models hold numbers only
+        if instance.model_dir is not None:
+            scm, classifier, encoding = read_model(instance.model_dir, instance.classifier)
+        else:
+            scm = load_scm(instance.dataset)
+            classifier = load_classifier(instance.dataset, instance.classifier)
         classifier.check_features(scm.names)
         if isinstance(instance.person, int):
             x = population_row(instance.person, scm, classifier, instance.classifier)
+        elif isinstance(instance.person, DataRow):
+            x = individual_row(table_row(instance.person, scm, encoding), scm, instance.source)
         else:
             x = individual_row(instance.person, scm, instance.source)
         constraints = parse_constraints(instance.constraints, scm, who=instance.who)
@@ -898,6 +987,264 @@ def installed_path(dataset: str, kind: str) -> Path:
             "The installed instances package is not a plain directory; use --out DIR."
         )
     return path
+
+
+# -- fit ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A .csv or .parquet table, one row per person.",
+)
+@click.option(
+    "--graph",
+    "graph_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="The causal graph (TOML): a [feature] table per node with 'role', 'parents' and "
+    "optional 'bounds'.",
+)
+@click.option("--label", required=True, help="The 0/1 outcome column (1: the favourable one).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The model folder to write (created if missing).",
+)
+@click.option(
+    "--classifier",
+    type=click.Choice(CLASSIFIER_KINDS),
+    default="lr",
+    show_default=True,
+    help="Logistic regression, or a ReLU MLP 32x32.",
+)
+@click.option(
+    "--drop-missing", is_flag=True, help="Drop rows with missing values instead of stopping."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def fit(
+    data_path: Path,
+    graph_path: Path,
+    label: str,
+    out_dir: Path,
+    classifier: str,
+    drop_missing: bool,
+    seed: int,
+) -> None:
+    """Fit a linear causal model and a classifier to your own table and causal graph.
+
+    Writes scm.json, classifier_<kind>.json and fit_report.json to --out (the format of
+    the built-in instances; 'recourse solve --model DIR' reads it) and prints R^2 per
+    equation and the classifier's accuracy. Bad input (a cycle, a node missing from the
+    table, missing values, a constant column, ...) exits 2 with a message naming it.
+    """
+    try:
+        graph = read_graph(graph_path)
+        fitted = fit_model(
+            read_table(data_path),
+            graph,
+            label,
+            kind=classifier,
+            drop_missing=drop_missing,
+            seed=seed,
+            name=out_dir.resolve().name or "fitted",
+            data_name=data_path.name,
+        )
+        write_model(fitted, out_dir)
+    except (GraphError, FitError) as exc:
+        raise InputError(str(exc)) from None
+    click.echo(fitted.report.summary())
+    click.echo(f"wrote scm.json, classifier_{classifier}.json and fit_report.json to {out_dir}")
+
+
+# -- label -------------------------------------------------------------------------------
+
+
+class OutputConflict(click.ClickException):
+    """``label``'s output belongs to a job with different arguments: exit 7."""
+
+    exit_code = EXIT_OUTPUT_CONFLICT
+
+
+def check_label_out(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    if value.suffix.lower() != ".parquet":
+        raise click.BadParameter(
+            f"must end in .parquet. Got {str(value)!r} instead.", param_hint="'--out'"
+        )
+    return value
+
+
+@main.command(epilog=_EXIT_CODE_HELP)
+@click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULT_DATASET, show_default=True)
+@click.option(
+    "--classifier",
+    type=click.Choice(CLASSIFIER_KINDS),
+    default=DEFAULT_CLASSIFIER,
+    show_default=True,
+)
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(min=1),
+    help="People to label: the first N the classifier rejects in a seeded sample of the causal "
+    "model; with --people, the first N rows (default: all).",
+)
+@click.option(
+    "--people",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A .csv or .parquet table with one column per feature: label these people instead.",
+)
+@click.option(
+    "--scheme",
+    type=click.Choice(SCHEMES),
+    default=DEFAULT_SCHEME,
+    show_default=True,
+    help="Simulated preference elicitation (defined in models/elicitation.py).",
+)
+@click.option("--cost", type=click.Choice(COST_KINDS), default=DEFAULT_COST, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seeds the population and every person's constraints.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(backend_names()),
+    default=DEFAULT_BACKEND,
+    show_default=True,
+    help="MILP solver backend.",
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=SolverSettings().time_limit,
+    show_default=True,
+    help="Seconds per person.",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes on this machine (1: solve in this process).",
+)
+@click.option(
+    "--dask",
+    "dask_address",
+    metavar="ADDRESS",
+    help="Run on a Dask cluster instead: its scheduler's address, e.g. tcp://scheduler:8786 "
+    "(every worker needs carma-mip installed).",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CHUNK_SIZE,
+    show_default=True,
+    help="People per unit of work and per chunk file.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    callback=check_label_out,
+    help="The Parquet table to write; chunks go to OUT.parts until it is complete.",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
+@click.pass_context
+def label(
+    ctx: click.Context,
+    dataset: str,
+    classifier: str,
+    n: int | None,
+    people: Path | None,
+    scheme: str,
+    cost: str,
+    seed: int,
+    backend: str,
+    time_limit: float,
+    jobs: int,
+    dask_address: str | None,
+    chunk_size: int,
+    out: Path,
+    progress: bool,
+) -> None:
+    """Label many people with exact, verified recourse under elicited constraints.
+
+    Writes one Parquet row per person (factual features, constraints, status, action,
+    counterfactual, cost, probability, timing) with the job's arguments and content hashes
+    in the file's metadata. Resumable: a run stopped at any moment finishes when started
+    again with the same arguments; other arguments on the same --out are refused (exit 7).
+    Exit 0 once the table is complete, whatever each person's status (each is in its row);
+    4 when a worker dies, the Dask scheduler cannot be reached or the backend is missing;
+    130 when interrupted.
+    """
+    if dask_address is not None and jobs != 1:
+        raise click.UsageError("Give either --jobs N or --dask ADDRESS, not both.")
+    arguments = {
+        "dataset": dataset,
+        "classifier": classifier,
+        "n": n,
+        "people": None if people is None else str(people),
+        "scheme": scheme,
+        "cost": cost,
+        "seed": seed,
+        "backend": backend,
+        "time_limit": time_limit,
+        "jobs": jobs,
+        "dask": dask_address,
+        "chunk_size": chunk_size,
+        "out": str(out),
+    }
+    try:
+        job = LabelJob(dataset, classifier, scheme, cost, seed, backend, time_limit)
+        scm = load_scm(dataset)
+        model = load_classifier(dataset, classifier)
+        model.check_features(scm.names)
+        if people is not None:
+            population = read_people(people, scm, n)
+        elif n is not None:
+            population = sample_population(scm, model, n, seed)
+        else:
+            raise click.UsageError("Give --n N (people to sample) or --people FILE.")
+        with _stdout_to_stderr():  # HiGHS's banner, from this process and the workers
+            summary = run_job(
+                job,
+                population,
+                out,
+                chunk_size=chunk_size,
+                jobs=jobs,
+                dask_address=dask_address,
+                progress=progress,
+                arguments=arguments,
+            )
+    except (LabelInputError, ElicitationError, ModelFileError, ClassifierFileError) as exc:
+        raise InputError(str(exc)) from None
+    except OutputConflictError as exc:
+        raise OutputConflict(str(exc)) from None
+    except (LabelRunError, BackendUnavailableError) as exc:
+        raise SolverFailure(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo(
+            f"Interrupted. Finished chunks are kept in '{out}.parts'; run the same command "
+            f"again to finish the job.",
+            err=True,
+        )
+        ctx.exit(130)
+    if summary.already_complete:
+        click.echo(f"{out} is already complete ({summary.people} people); nothing to do.")
+        return
+    statuses = ", ".join(f"{status} {count}" for status, count in summary.statuses.items())
+    click.echo(
+        f"wrote {summary.people} labels to {out} ({statuses}); {summary.labelled_now} solved "
+        f"by this run in {summary.seconds:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ there are few to enumerate; for the squared cost, tangent cuts are added at the 
 until the true cost meets the proven bound; (4) the action is read off (binaries
 rounded), re-simulated through the exact causal model and classifier, and checked against
 every hard constraint. An answer that fails verification is re-solved with a ten times
-larger validity margin (at most twice); if it still fails it is returned with
-``verified=False`` and the reasons, never silently.
+larger validity margin and, when the model has interpolated (piecewise-linear) terms, four
+times as many interpolation segments (at most twice); if it still fails it is returned
+with ``verified=False`` and the reasons, never silently.
 """
 
 from __future__ import annotations
@@ -73,14 +74,10 @@ class RecourseSolver:
         self.scm, self.classifier, self.cost = scm, classifier, cost
         self.options = options or EngineOptions()
         self.settings = settings or SolverSettings()
-        self.formulation = RecourseFormulation(
-            scm,
-            classifier,
-            cost,
-            margin=self.options.margin,
-            tangents=self.options.tangents,
-            breakpoints=self.options.breakpoints,
-        )
+        # Formulations by number of interpolation segments: finer ones are built on demand
+        # when an answer fails verification, and used for that person only.
+        self._formulations: dict[int, RecourseFormulation] = {}
+        self.formulation = self._refined(self.options.breakpoints)
         self.grid_values = self.options.incumbent_grid
         if self.grid_values is None:
             self.grid_values = 9 if len(classifier.layers) > 1 else 5
@@ -91,6 +88,7 @@ class RecourseSolver:
         """Optimal recourse for factual row ``x`` under ``constraints``."""
         start = time.perf_counter()
         scm, clf = self.scm, self.classifier
+        self.formulation = self._formulations[self.options.breakpoints]
         x = np.asarray(x, dtype=float)
         noise = scm.abduct_noise(x[None, :])[0]
         factual_probability = float(clf.probability(x[None, :])[0])
@@ -182,6 +180,9 @@ class RecourseSolver:
                 break
             attempt += 1
             margin *= 10
+            if self.formulation.approximated:
+                # The interpolation may be what went wrong: its error shrinks 16-fold.
+                self.formulation = self._refined(4 * self.formulation.breakpoints)
         bound = outcome.bound
         gap = None if bound is None else max(0.0, check.cost - bound)
         return RecourseResult(
@@ -204,6 +205,19 @@ class RecourseSolver:
         )
 
     # -- steps -------------------------------------------------------------------------
+
+    def _refined(self, breakpoints: int) -> RecourseFormulation:
+        """The formulation with ``breakpoints`` interpolation segments (built once)."""
+        if breakpoints not in self._formulations:
+            self._formulations[breakpoints] = RecourseFormulation(
+                self.scm,
+                self.classifier,
+                self.cost,
+                margin=self.options.margin,
+                tangents=self.options.tangents,
+                breakpoints=breakpoints,
+            )
+        return self._formulations[breakpoints]
 
     def _masks(
         self,
@@ -365,8 +379,10 @@ class RecourseSolver:
             if solution[col] > 0.5:
                 j = self.scm.index[k]
                 intervene[j] = True
-                value = float(solution[f.x_col[k]])
-                if self.scm.variables[j].type is not VariableType.CONTINUOUS:
+                var = self.scm.variables[j]
+                # Solver tolerances may leave a value a hair outside its domain (0 - 1e-9).
+                value = min(max(float(solution[f.x_col[k]]), var.lower), var.upper)
+                if var.type is not VariableType.CONTINUOUS:
                     value = float(round(value))
                 values[j] = value
         return intervene, values

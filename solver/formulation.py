@@ -32,7 +32,8 @@ Rows, with ``n_j = g_j(x'_parents) + u_j`` the value j's equation gives:
   ``tangents`` points t spread over delta_k's range (an outer approximation: the engine
   adds cuts at the solution and reports the remaining gap); soft limits
   ``v_k >= +-delta_k - limit_k - W (1 - m_k)``; at most ``max_changes`` actions:
-  ``sum m_k <= K``.
+  ``sum m_k <= K``;
+- a categorical feature's one-hot levels that an action can reach: ``sum_l x'_l = 1``.
 
 Objective: ``sum_k c_k + sparsity * sum_k m_k + sum_k penalty_k v_k``.
 
@@ -350,6 +351,9 @@ class RecourseFormulation:
         }
         for name in self.reachable:
             self._add_structural_rows(name)
+        for feature, levels in self.scm.one_hot.items():
+            if levels[0] in self.x_col:  # levels share a role: all reachable or none
+                t.add_row(f"one_hot[{feature}]", {self.x_col[n]: 1.0 for n in levels}, 1.0, 1.0)
         for k in self.actionable:
             self._add_cost_rows(k)
         t.add_row(

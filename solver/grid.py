@@ -148,7 +148,7 @@ def _valid_costs(
     counterfactual = scm.propagate_counterfactual(
         rows, intervene, values, np.broadcast_to(noise, intervene.shape)
     )
-    valid = classifier.logit(counterfactual) >= threshold
+    valid = (classifier.logit(counterfactual) >= threshold) & scm.one_hot_valid(counterfactual)
     if not valid.any():
         return np.full(len(intervene), np.inf)
     return np.where(valid, cost.cost(scm.names, x, intervene, values, constraints), np.inf)

@@ -73,6 +73,13 @@ def verify_action(
             failures.append(f"{name!r} may only decrease, but goes {current} -> {value}")
         if var.type is not VariableType.CONTINUOUS and value != round(value):
             failures.append(f"{name!r} is {var.type.value} but is set to {value}")
+    for feature, levels in scm.one_hot.items():
+        block = [float(counterfactual[scm.index[level]]) for level in levels]
+        if sorted(block) != [0.0] * (len(levels) - 1) + [1.0]:
+            failures.append(
+                f"the levels of {feature!r} must be one 1 and otherwise 0; got "
+                f"{dict(zip(levels, block, strict=True))}"
+            )
     if constraints.max_changes is not None and len(acted) > constraints.max_changes:
         failures.append(
             f"the action changes {len(acted)} features, more than the {constraints.max_changes} "
