@@ -36,12 +36,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from sklearn.linear_model import LinearRegression
 
 from models.classifiers import Classifier, ClassifierFileError
 from models.graph import CausalGraph
 from models.scm import ModelFileError, StructuralCausalModel
-from models.training import fit_classifier
 
 FloatArray = npt.NDArray[np.float64]
 MAX_LEVELS = 10
@@ -285,6 +283,8 @@ def fit_model(
             f"The table must have at least {MIN_ROWS} complete rows to fit a model. "
             f"Got {len(used)} instead."
         )
+    from models.training import fit_classifier  # scikit-learn: see _document
+
     y = _label_values(used[label], label)
     encoding, types, notes = _infer_columns(used, graph)
     document, equations, roots = _document(used, graph, encoding, types, name, data_name)
@@ -466,6 +466,9 @@ def _document(
     data_name: str,
 ) -> tuple[dict[str, Any], list[EquationFit], dict[str, str]]:
     """The causal model's JSON document, the equations' fits and the roots' laws."""
+    # scikit-learn is imported where it fits: reading a fitted model must stay light.
+    from sklearn.linear_model import LinearRegression
+
     variables: list[dict[str, Any]] = []
     one_hot: dict[str, list[str]] = {}
     equations: list[EquationFit] = []

@@ -33,7 +33,6 @@ from models.fitting import FitError, encode_rows, fit_model, read_model, read_ta
 from models.graph import GraphError, read_graph
 from models.preferences import PersonConstraints, PreferenceError, parse_constraints
 from models.scm import ModelFileError, StructuralCausalModel, Variable, VariableType
-from models.training import train_classifier
 from solver.backends import DEFAULT_BACKEND, backend_class, backend_names
 from solver.backends.base import BackendUnavailableError
 from solver.engine import EngineOptions, RecourseSolver
@@ -961,6 +960,10 @@ def train_classifier_command(
     dataset: str, kind: str, seed: int, samples: int, out_dir: Path | None, in_place: bool
 ) -> None:
     """Retrain the built-in classifiers on data sampled from the causal model."""
+    # Imported here: scikit-learn takes seconds to import, and every `label --jobs`
+    # worker process imports this module.
+    from models.training import train_classifier
+
     if (out_dir is None) == (not in_place):
         raise click.UsageError("Give either --out DIR or --in-place (exactly one of them).")
     kinds = CLASSIFIER_KINDS if kind == "all" else (kind,)
