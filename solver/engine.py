@@ -27,7 +27,7 @@ from models.preferences import PersonConstraints
 from models.scm import StructuralCausalModel, VariableType
 from solver.backends import DEFAULT_BACKEND, backend_class, create_backend
 from solver.formulation import PersonContext, RecourseFormulation
-from solver.grid import grid_search_by_mask
+from solver.grid import GridAction, grid_search, grid_search_by_mask
 from solver.milp import BackendResult, FloatArray, NumericMILP, SolverSettings, SolveStatus
 from solver.result import RecourseResult, SolverInfo
 from solver.verify import verify_action
@@ -202,6 +202,31 @@ class RecourseSolver:
             interpolation_error=self.formulation.interpolation_error(ctx),
             message=outcome.message,
             constraints=constraints.to_dict(),
+        )
+
+    def grid_oracle(
+        self,
+        x: FloatArray,
+        constraints: PersonConstraints,
+        *,
+        values_per_feature: int = 15,
+        logit_margin: float = 0.0,
+    ) -> GridAction | None:
+        """CARMA's M*: the cheapest valid action on a grid over this person's ranges.
+
+        No MILP: the brute-force reference the exact answers are compared with.
+        """
+        x = np.asarray(x, dtype=float)
+        return grid_search(
+            self.scm,
+            self.classifier,
+            self.cost,
+            x,
+            self.scm.abduct_noise(x[None, :])[0],
+            constraints,
+            self.formulation.intervention_ranges(x, constraints),
+            values_per_feature=values_per_feature,
+            logit_margin=logit_margin,
         )
 
     # -- steps -------------------------------------------------------------------------

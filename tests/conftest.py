@@ -98,3 +98,20 @@ def loan_mlp() -> Classifier:
 def rejected(scm: StructuralCausalModel, clf: Classifier, n: int, seed: int) -> np.ndarray:
     x, _ = scm.sample(max(10 * n, 100), seed)
     return x[~clf.accepts(x)][:n]
+
+
+def random_constraints(rng: np.random.Generator, actionable: tuple[str, ...]) -> dict:
+    """A raw constraints document: up to 2 locks, a rank or scores, a direction, a limit."""
+    raw: dict = {}
+    locks = rng.choice(actionable, size=rng.integers(0, 3), replace=False)
+    if len(locks):
+        raw["lock"] = [str(n) for n in locks]
+    if rng.random() < 0.5:
+        raw["rank"] = [str(n) for n in rng.permutation(actionable)]
+    elif rng.random() < 0.5:
+        raw["score"] = {str(n): int(rng.integers(1, 6)) for n in actionable}
+    if rng.random() < 0.3:
+        raw["direction"] = {str(rng.choice(actionable)): "increase"}
+    if rng.random() < 0.2:
+        raw["max_changes"] = int(rng.integers(1, 3))
+    return raw

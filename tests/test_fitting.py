@@ -24,7 +24,7 @@ from solver.backends import available_backends
 from solver.cli import EXIT_RECOURSE, EXIT_USAGE, main
 from solver.engine import RecourseSolver
 from solver.milp import SolveStatus
-from tests.test_loan_engine import random_constraints
+from tests.conftest import random_constraints
 
 GRAPH = """
 [savings]

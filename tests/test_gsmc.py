@@ -28,11 +28,9 @@ from solver.backends import available_backends, create_backend
 from solver.cli import EXIT_RECOURSE, main
 from solver.engine import EngineOptions, RecourseSolver
 from solver.formulation import RecourseFormulation
-from solver.grid import grid_search
 from solver.milp import SolverSettings, SolveStatus
 from solver.verify import verify_action
-from tests.conftest import backend_params, rejected
-from tests.test_loan_engine import random_constraints
+from tests.conftest import backend_params, random_constraints, rejected
 
 N_LR = 210
 N_MLP = 4
@@ -136,10 +134,8 @@ def check_people(scm, clf, cost_kind, people, backends, seed) -> None:
             # The squared cost's cut loop stops within a small absolute gap, which it reports.
             gap = max(result.solver.gap or 0.0, reference.solver.gap or 0.0)
             assert result.cost == pytest.approx(reference.cost, rel=1e-6, abs=1e-9 + gap), i
-        ranges = solvers[backends[0]].formulation.intervention_ranges(x, constraints)
-        noise = scm.abduct_noise(x[None, :])[0]
-        grid = grid_search(
-            scm, clf, cost, x, noise, constraints, ranges, values_per_feature=8, logit_margin=margin
+        grid = solvers[backends[0]].grid_oracle(
+            x, constraints, values_per_feature=8, logit_margin=margin
         )
         if reference.status is SolveStatus.INFEASIBLE:
             assert grid is None, (i, raw)

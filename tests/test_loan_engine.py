@@ -16,29 +16,12 @@ from models.costs import CostProfile
 from models.preferences import parse_constraints
 from solver.backends import available_backends
 from solver.engine import EngineOptions, RecourseSolver
-from solver.grid import grid_search
 from solver.milp import SolveStatus
-from tests.conftest import rejected
+from tests.conftest import random_constraints, rejected
 
 N_LR = 210
 N_MLP = {"l1": 200, "carma": 12}
 MLP_CROSS_CHECK = {"l1": 12, "carma": 3}
-
-
-def random_constraints(rng: np.random.Generator, actionable: tuple[str, ...]) -> dict:
-    raw: dict = {}
-    locks = rng.choice(actionable, size=rng.integers(0, 3), replace=False)
-    if len(locks):
-        raw["lock"] = [str(n) for n in locks]
-    if rng.random() < 0.5:
-        raw["rank"] = [str(n) for n in rng.permutation(actionable)]
-    elif rng.random() < 0.5:
-        raw["score"] = {str(n): int(rng.integers(1, 6)) for n in actionable}
-    if rng.random() < 0.3:
-        raw["direction"] = {str(rng.choice(actionable)): "increase"}
-    if rng.random() < 0.2:
-        raw["max_changes"] = int(rng.integers(1, 3))
-    return raw
 
 
 def check_people(scm, clf, cost_kind, people, backends, seed, cross_check=None):
@@ -62,18 +45,8 @@ def check_people(scm, clf, cost_kind, people, backends, seed, cross_check=None):
             assert result.verified, (i, raw, backend, result.verification_failures)
             assert not set(result.action) & constraints.locks, (i, raw, backend)
             assert result.cost == pytest.approx(reference.cost, rel=1e-6, abs=1e-9), (i, backend)
-        ranges = solvers[backends[0]].formulation.intervention_ranges(x, constraints)
-        noise = scm.abduct_noise(x[None, :])[0]
-        grid = grid_search(
-            scm,
-            clf,
-            cost,
-            x,
-            noise,
-            constraints,
-            ranges,
-            values_per_feature=8,
-            logit_margin=margin,
+        grid = solvers[backends[0]].grid_oracle(
+            x, constraints, values_per_feature=8, logit_margin=margin
         )
         if reference.status is SolveStatus.INFEASIBLE:
             assert grid is None, (i, raw)
