@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from models.classifiers import Classifier
-from models.preferences import PersonConstraints
+from models.preferences import ConstraintArrays, PersonConstraints
 from models.scm import StructuralCausalModel
 
 FloatArray = npt.NDArray[np.float64]
@@ -106,3 +106,26 @@ class CostProfile:
             if limit is not None:
                 total += limit.penalty * np.maximum(0.0, np.abs(delta) - limit.limit) * acted
         return total
+
+    def costs(
+        self,
+        names: tuple[str, ...],
+        x_factual: FloatArray,
+        intervene: npt.NDArray[np.bool_],
+        values: FloatArray,
+        constraints: ConstraintArrays,
+    ) -> FloatArray:
+        """Cost of one action per person: row i of every array is person i."""
+        columns = [names.index(name) for name in self.actionable]
+        acted = intervene[:, columns]
+        delta = np.where(acted, values[:, columns] - x_factual[:, columns], 0.0)
+        scale = np.array([self.scale[name] for name in self.actionable])
+        weight = constraints.weight
+        if self.kind == "l1":
+            per_feature = weight / scale * np.abs(delta)
+        else:
+            ranges = np.array([self.range_in_sd[name] for name in self.actionable])
+            per_feature = weight / (len(self.actionable) * scale**2 * ranges) * np.square(delta)
+        beyond = np.maximum(0.0, np.abs(delta) - constraints.soft_limit)
+        per_feature = per_feature + self.sparsity + constraints.soft_penalty * beyond
+        return np.where(acted, per_feature, 0.0).sum(axis=1)

@@ -21,8 +21,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.scm import StructuralCausalModel
+import numpy as np
+import numpy.typing as npt
 
+from models.scm import StructuralCausalModel, VariableType
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
 SCORE_MIN, SCORE_MAX = 1, 5
 
 
@@ -310,3 +316,68 @@ def _mapping(value: Any, field_name: str, who: str) -> Mapping[str, Any]:
             f"The '{field_name}' of {who} must be an object {{feature: value}}. Got {value!r}."
         )
     return value
+
+
+@dataclass(frozen=True, eq=False)
+class ConstraintArrays:
+    """Many people's hard and soft constraints, one column per actionable feature."""
+
+    locked: BoolArray
+    """The person may not act on k (a lock, or no value left in their interval)."""
+    lower: FloatArray
+    upper: FloatArray
+    """The values k may be set to: domain, bounds and direction; integer ends for integers."""
+    weight: FloatArray
+    soft_limit: FloatArray
+    """Largest change without penalty (inf: no soft limit)."""
+    soft_penalty: FloatArray
+    max_changes: IntArray
+    """Most features acted on (K when unlimited)."""
+
+    @classmethod
+    def from_constraints(
+        cls, scm: StructuralCausalModel, x: FloatArray, constraints: Sequence[PersonConstraints]
+    ) -> ConstraintArrays:
+        x = np.atleast_2d(x)
+        n, actionable = len(constraints), scm.actionable
+        shape = (n, len(actionable))
+        lower, upper = np.empty(shape), np.empty(shape)
+        weight, soft_limit, soft_penalty = np.ones(shape), np.full(shape, np.inf), np.zeros(shape)
+        locked = np.zeros(shape, dtype=bool)
+        max_changes = np.full(n, len(actionable), dtype=np.int64)
+        for i, person in enumerate(constraints):
+            if person.max_changes is not None:
+                max_changes[i] = min(person.max_changes, len(actionable))
+            for k, name in enumerate(actionable):
+                j = scm.index[name]
+                var = scm.variables[j]
+                lo, hi = person.bounds.get(name, (var.lower, var.upper))
+                direction = person.directions.get(name)
+                if direction == "increase":
+                    lo = max(lo, x[i, j])
+                elif direction == "decrease":
+                    hi = min(hi, x[i, j])
+                if var.type is not VariableType.CONTINUOUS:
+                    lo, hi = math.ceil(lo - 1e-9), math.floor(hi + 1e-9)
+                lower[i, k], upper[i, k] = lo, hi
+                locked[i, k] = name in person.locks or lo > hi
+                weight[i, k] = person.weight(name)
+                limit = person.soft_limits.get(name)
+                if limit is not None:
+                    soft_limit[i, k], soft_penalty[i, k] = limit.limit, limit.penalty
+        return cls(locked, lower, upper, weight, soft_limit, soft_penalty, max_changes)
+
+    @property
+    def size(self) -> int:
+        return int(self.locked.shape[0])
+
+    def take(self, rows: IntArray | BoolArray) -> ConstraintArrays:
+        return ConstraintArrays(
+            self.locked[rows],
+            self.lower[rows],
+            self.upper[rows],
+            self.weight[rows],
+            self.soft_limit[rows],
+            self.soft_penalty[rows],
+            self.max_changes[rows],
+        )

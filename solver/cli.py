@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +25,10 @@ from typing import Any
 
 import click
 import numpy as np
+import pandas as pd
 
 from instances import CLASSIFIER_KINDS, DATASETS, classifier_path, load_classifier, load_scm
+from models.amortizer import Amortizer, AmortizerFileError, load_amortizer, save_amortizer
 from models.classifiers import Classifier, ClassifierFileError
 from models.costs import COST_KINDS, CostProfile
 from models.elicitation import DEFAULT_SCHEME, SCHEMES, ElicitationError
@@ -33,6 +36,7 @@ from models.fitting import FitError, encode_rows, fit_model, read_model, read_ta
 from models.graph import GraphError, read_graph
 from models.preferences import PersonConstraints, PreferenceError, parse_constraints
 from models.scm import ModelFileError, StructuralCausalModel, Variable, VariableType
+from solver.amortized import AmortizedSolver, read_labels, train_amortizer
 from solver.backends import DEFAULT_BACKEND, backend_class, backend_names
 from solver.backends.base import BackendUnavailableError
 from solver.engine import EngineOptions, RecourseSolver
@@ -42,6 +46,8 @@ from solver.labels import (
     LabelJob,
     LabelRunError,
     OutputConflictError,
+    people_from_frame,
+    read_frame,
     read_people,
     run_job,
     sample_population,
@@ -63,6 +69,10 @@ EXIT_UNVERIFIED = 6
 """The answer failed verification against the exact causal model; printed with the reasons."""
 EXIT_OUTPUT_CONFLICT = 7
 """``label``: the output belongs to a job with different arguments, or another run writes it."""
+_SEVERITY = (EXIT_RECOURSE, EXIT_NO_RECOURSE, EXIT_TIME_LIMIT, EXIT_UNVERIFIED, EXIT_SOLVER_FAILURE)
+"""A table's exit code is its worst person's, in this order."""
+METHODS = ("exact", "amortized")
+TABLE_SUFFIXES = (".csv", ".parquet")
 
 POPULATION_SEED = 20241
 """Seed of the built-in population that ``--index`` picks people from."""
@@ -103,6 +113,8 @@ Exit codes:
   {EXIT_TIME_LIMIT}  time limit reached: best action printed, not proven optimal
   {EXIT_UNVERIFIED}  the answer failed verification (printed anyway, with the failures)
   {EXIT_OUTPUT_CONFLICT}  label: --out holds a job with different arguments (or is in use)
+
+A table of people (solve TABLE --out FILE) exits with its worst person's code.
 """
 
 
@@ -478,7 +490,23 @@ def check_export_path(
     "model_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="A model folder written by 'recourse fit', instead of a built-in dataset (its "
-    "classifier: --classifier, else the only one it holds).",
+    "classifier: --classifier, else the only one it holds); with --method amortized, an "
+    "amortizer folder written by 'recourse train'.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="exact",
+    show_default=True,
+    help="exact: the MILP; amortized: the --model amortizer's answer, verified, repaired "
+    "by the MILP when it fails.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With a .csv or .parquet table of people instead of INSTANCE_JSON: write one row "
+    "per person to this .parquet or .csv file.",
 )
 @click.option(
     "--data",
@@ -568,6 +596,8 @@ def solve(
     index: int | None,
     classifier: str | None,
     model_dir: Path | None,
+    method: str,
+    out_path: Path | None,
     data_path: Path | None,
     row: int | None,
     locks: tuple[str, ...],
@@ -594,7 +624,31 @@ def solve(
     --data FILE. Flags override the file: --lock adds locks, --rank/--score replace its
     preferences, --bound/--direction update single features, the other flags replace its
     values. With --model DIR (from 'recourse fit'), the person is --index N or --data --row.
+
+    Many people at once: give a .csv or .parquet table (one column per feature, and
+    optionally a 'constraints' column of JSON documents, as 'recourse label' writes; else
+    the flags' constraints apply to everyone) instead of INSTANCE_JSON, and --out FILE.
+
+    --method amortized --model DIR answers with an amortizer from 'recourse train' (its
+    dataset, classifier and cost): every answer is verified, and one that fails is
+    repaired by the exact MILP on the predicted features, then by the full MILP. The
+    output says which path answered ('answered_by').
     """
+    amortizer = None
+    if method == "amortized":
+        amortizer = _amortizer_for(model_dir, dataset, classifier, cost)
+        dataset, classifier, cost = (
+            amortizer.spec.dataset,
+            amortizer.spec.classifier,
+            amortizer.spec.cost,
+        )
+        model_dir = None
+    table = instance_json is not None and instance_json.suffix.lower() in TABLE_SUFFIXES
+    if table != (out_path is not None):
+        raise click.UsageError(
+            "Give a .csv or .parquet table of people together with --out FILE (and --out "
+            "only with such a table)."
+        )
     if (data_path is None) != (row is None):
         raise click.UsageError("Give --data FILE and --row N together.")
     if sum(given is not None for given in (instance_json, index, row)) != 1:
@@ -608,7 +662,9 @@ def solve(
         )
     model = DEFAULT_DATASET if model_dir is None else str(model_dir)
     kind = DEFAULT_CLASSIFIER if model_dir is None else model_classifier(model_dir)
-    if instance_json is not None:
+    if table and instance_json is not None:
+        instance = Instance(model, kind, "", "", {}, model_dir=model_dir)
+    elif instance_json is not None:
         instance = read_instance(instance_json)
     elif data_path is not None and row is not None:
         where = f"row {row} of {data_path.name}"
@@ -635,19 +691,177 @@ def solve(
         sparsity=sparsity,
     )
     instance = apply_overrides(instance, flags)
-    problem = load_problem(instance)
     settings = SolverSettings() if time_limit is None else SolverSettings(time_limit=time_limit)
     options = EngineOptions() if margin is None else EngineOptions(margin=margin)
+    if table and instance_json is not None and out_path is not None:
+        scm, model_classifier_, people, constraints = load_table(instance, instance_json)
+        problem = Problem(
+            instance,
+            scm,
+            model_classifier_,
+            people[0],
+            constraints[0],
+            CostProfile.for_model(instance.cost, scm, model_classifier_, instance.sparsity),
+        )
+        engine = make_engine(problem, backend, settings, options)
+        with _stdout_to_stderr():
+            results = solve_many(engine, amortizer, people, constraints)
+        ctx.exit(write_results(results, scm, out_path))
+    problem = load_problem(instance)
     engine = make_engine(problem, backend, settings, options)
     if export_path is not None:
         export_milp(engine, problem, export_path)
     with _stdout_to_stderr():
-        result = engine.solve(problem.x, problem.constraints)
+        if amortizer is None:
+            result = engine.solve(problem.x, problem.constraints)
+        else:
+            result = solve_many(engine, amortizer, problem.x[None, :], [problem.constraints])[0]
     if output_format == "json":
         click.echo(json.dumps(result_document(result, problem), indent=2))
     else:
         click.echo(explain(result, problem))
     ctx.exit(exit_code(result))
+
+
+def _amortizer_for(
+    model_dir: Path | None, dataset: str | None, classifier: str | None, cost: str | None
+) -> Amortizer:
+    """The --model amortizer; a --dataset, --classifier or --cost other than its own exits 2."""
+    if model_dir is None:
+        raise click.UsageError(
+            "--method amortized needs --model DIR, an amortizer written by 'recourse train'."
+        )
+    try:
+        amortizer = load_amortizer(model_dir)
+    except AmortizerFileError as exc:
+        raise InputError(str(exc)) from None
+    spec = amortizer.spec
+    for option, given, own in (
+        ("--dataset", dataset, spec.dataset),
+        ("--classifier", classifier, spec.classifier),
+        ("--cost", cost, spec.cost),
+    ):
+        if given is not None and given != own:
+            raise click.UsageError(
+                f"{option} {given} differs from the amortizer's {own!r}: an amortizer answers "
+                f"for the causal model, classifier and cost it was trained on."
+            )
+    return amortizer
+
+
+def load_table(
+    instance: Instance, path: Path
+) -> tuple[StructuralCausalModel, Classifier, np.ndarray, list[PersonConstraints]]:
+    """The people of a table and their constraints (its 'constraints' column, else the
+    instance's); feature columns named like the features or, as in a label table,
+    'factual.<feature>'."""
+    where = f"the people table {path.name!r}"
+    try:
+        if instance.model_dir is not None:
+            scm, classifier, _ = read_model(instance.model_dir, instance.classifier)
+        else:
+            scm = load_scm(instance.dataset)
+            classifier = load_classifier(instance.dataset, instance.classifier)
+        classifier.check_features(scm.names)
+        frame, _ = read_frame(path, where)
+        if all(f"factual.{name}" in frame.columns for name in scm.names):
+            features = frame[[f"factual.{name}" for name in scm.names]]
+            features.columns = list(scm.names)
+        else:
+            features = frame[[c for c in frame.columns if c != "constraints"]]
+        people = people_from_frame(features, scm, where).x
+        if "constraints" in frame.columns:
+            documents = [
+                _constraints_cell(cell, i, where) for i, cell in enumerate(frame["constraints"])
+            ]
+        else:
+            documents = [instance.constraints] * len(people)
+        constraints = [
+            parse_constraints(document, scm, who=f"row {i} of {path.name}")
+            for i, document in enumerate(documents)
+        ]
+    except (LabelInputError, PreferenceError, ModelFileError, ClassifierFileError) as exc:
+        raise InputError(str(exc)) from None
+    return scm, classifier, people, constraints
+
+
+def _constraints_cell(cell: Any, row: int, where: str) -> dict[str, Any]:
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+        return {}
+    try:
+        document = json.loads(cell)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise InputError(
+            f"The 'constraints' of row {row} of {where} must be a JSON object. Got {cell!r} "
+            f"({exc})."
+        ) from None
+    if not isinstance(document, dict):
+        raise InputError(
+            f"The 'constraints' of row {row} of {where} must be a JSON object. Got {cell!r}."
+        )
+    return document
+
+
+def solve_many(
+    engine: RecourseSolver,
+    amortizer: Amortizer | None,
+    people: np.ndarray,
+    constraints: Sequence[PersonConstraints],
+) -> list[RecourseResult]:
+    """Every person's answer: the MILP's, or the amortizer's with repairs (one batch)."""
+    if amortizer is None:
+        return [engine.solve(x, c) for x, c in zip(people, constraints, strict=True)]
+    try:
+        solver = AmortizedSolver(amortizer, engine.scm, engine.classifier, exact=engine)
+    except AmortizerFileError as exc:  # trained for another causal model or classifier
+        raise InputError(str(exc)) from None
+    return solver.solve(people, constraints)
+
+
+def write_results(results: Sequence[RecourseResult], scm: StructuralCausalModel, out: Path) -> int:
+    """One row per person to ``out`` (.parquet or .csv, atomically), a summary line, and
+    the exit code: the worst of any person's (see :func:`exit_code`)."""
+    if out.suffix.lower() not in TABLE_SUFFIXES:
+        raise click.BadParameter(
+            f"must end in .parquet or .csv. Got {out.name!r} instead.", param_hint="'--out'"
+        )
+    rows = []
+    for i, result in enumerate(results):
+        row: dict[str, Any] = {
+            "row": i,
+            "status": result.status.value,
+            "answered_by": result.answered_by,
+            "verified": result.verified,
+            "cost": result.cost,
+            "probability": result.probability,
+            "runtime_seconds": result.solver.runtime_seconds,
+            "message": result.message,
+        }
+        counterfactual = result.counterfactual or {}
+        for name in scm.names:
+            row[f"factual.{name}"] = result.factual[name]
+            row[f"action_mask.{name}"] = name in result.action
+            row[f"action_value.{name}"] = result.action.get(name)
+            row[f"counterfactual.{name}"] = counterfactual.get(name)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    temporary = out.with_name(f".{out.name}.tmp")
+    try:
+        if out.suffix.lower() == ".csv":
+            frame.to_csv(temporary, index=False)
+        else:
+            frame.to_parquet(temporary, index=False)
+        os.replace(temporary, out)
+    except OSError as exc:
+        raise InputError(f"Cannot write {str(out)!r}: {exc}.") from None
+    paths = ", ".join(f"{k} {v}" for k, v in sorted(Counter(frame["answered_by"]).items()))
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(Counter(frame["status"]).items()))
+    click.echo(
+        f"wrote {len(frame)} answers to {out} ({statuses}; answered by: {paths}; "
+        f"{int(frame['verified'].sum())} verified)"
+    )
+    codes = [exit_code(result) for result in results]
+    return max(codes, key=lambda code: _SEVERITY.index(code))
 
 
 @dataclass(frozen=True)
@@ -812,6 +1026,8 @@ def _status_line(result: RecourseResult) -> str:
     status = result.status
     if status is SolveStatus.OPTIMAL:
         return "status: optimal (the cheapest action that gets this person accepted)"
+    if status is SolveStatus.FEASIBLE:
+        return "status: feasible (verified, not proven optimal)"
     if status is SolveStatus.TIME_LIMIT and result.counterfactual is not None:
         return "status: time limit reached (best action found so far, not proven optimal)"
     if status is SolveStatus.TIME_LIMIT:
@@ -874,7 +1090,19 @@ def _solver_line(result: RecourseResult) -> str:
     info = result.solver
     gap = "" if info.gap is None else f", gap {info.gap:.3g}"
     name = info.version if info.version.startswith(info.name) else f"{info.name} {info.version}"
-    return f"solver: {name}, {info.runtime_seconds:.2f} s ({info.solves} solve(s)){gap}"
+    seconds = info.runtime_seconds
+    runtime = f"{seconds:.2f} s" if seconds >= 0.01 else f"{seconds * 1e3:.3f} ms"
+    line = f"solver: {name}, {runtime} ({info.solves} solve(s)){gap}"
+    if result.answered_by != "milp":
+        line += f"; answered by: {_ANSWERED_BY[result.answered_by]}"
+    return line
+
+
+_ANSWERED_BY = {
+    "amortizer": "the amortizer",
+    "mask-repair": "the exact MILP on the amortizer's features (its answer failed)",
+    "milp-repair": "the exact MILP (the amortizer's answer failed)",
+}
 
 
 def _differs(a: float, b: float) -> bool:
@@ -1247,6 +1475,53 @@ def label(
     click.echo(
         f"wrote {summary.people} labels to {out} ({statuses}); {summary.labelled_now} solved "
         f"by this run in {summary.seconds:.1f} s"
+    )
+
+
+# -- train -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("labels_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The folder to write the amortizer to (amortizer.npz + amortizer.json).",
+)
+@click.option(
+    "--universal",
+    is_flag=True,
+    help="Train without the constraint inputs (CARMA's universal model); the output layer "
+    "still enforces each person's hard constraints.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+def train(labels_path: Path, out: Path, universal: bool, seed: int) -> None:
+    """Distill an amortizer from a label table written by 'recourse label'.
+
+    Trains one network per hyperparameter setting on 80% of the solved people and keeps
+    the one whose verified raw answers are cheapest on the other 20% (an invalid answer
+    counts as a cost ratio of 2). The folder records the labels' causal model and
+    classifier hashes: the amortizer is refused with any other. Exit 2 on bad input.
+    """
+    try:
+        labels = read_labels(labels_path)
+        amortizer, report = train_amortizer(
+            labels, constraint_inputs=not universal, seed=seed, label_file=labels_path.name
+        )
+        save_amortizer(amortizer, out)
+    except AmortizerFileError as exc:
+        raise InputError(str(exc)) from None
+    except OSError as exc:
+        raise InputError(f"Cannot write the amortizer to {str(out)!r}: {exc}.") from None
+    chosen = report["candidates"][report["chosen"]]
+    ratio = chosen["validation_mean_cost_ratio"]
+    click.echo(
+        f"trained on {report['people']['train']} people, validated on "
+        f"{report['people']['validation']}: hidden {chosen['hidden']}, raw validity "
+        f"{chosen['validation_raw_validity']:.2%}, mean cost ratio "
+        f"{'-' if ratio is None else format(ratio, '.4f')}, exact mask agreement "
+        f"{chosen['validation_mask_agreement']:.2%}; wrote {out}"
     )
 
 

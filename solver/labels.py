@@ -214,6 +214,12 @@ def read_people(path: Path, scm: StructuralCausalModel, n: int | None = None) ->
     """
     path = Path(path)
     where = f"the people table {path.name!r}"
+    frame, content = read_frame(path, where)
+    return people_from_frame(frame, scm, where, n, {"sha256": hashlib.sha256(content).hexdigest()})
+
+
+def read_frame(path: Path, where: str) -> tuple[pd.DataFrame, bytes]:
+    """A .csv or .parquet table, and its bytes."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise LabelInputError(
@@ -224,6 +230,17 @@ def read_people(path: Path, scm: StructuralCausalModel, n: int | None = None) ->
         frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise LabelInputError(f"{where.capitalize()} cannot be read: {exc}") from None
+    return frame, content
+
+
+def people_from_frame(
+    frame: pd.DataFrame,
+    scm: StructuralCausalModel,
+    where: str,
+    n: int | None = None,
+    source: Mapping[str, Any] | None = None,
+) -> Population:
+    """People from a table with exactly one column per feature (see :func:`read_people`)."""
     missing = [name for name in scm.names if name not in frame.columns]
     if missing:
         raise LabelInputError(
@@ -258,7 +275,7 @@ def read_people(path: Path, scm: StructuralCausalModel, n: int | None = None) ->
     return Population(
         np.arange(len(frame), dtype=np.int64),
         x,
-        {"kind": "table", "sha256": hashlib.sha256(content).hexdigest(), "rows": len(frame)},
+        {"kind": "table", **(source or {}), "rows": len(frame)},
     )
 
 

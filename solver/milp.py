@@ -27,6 +27,9 @@ class SolveStatus(enum.StrEnum):
 
     OPTIMAL = "optimal"
     """Solved to proven optimality (relative and absolute gap 0)."""
+    FEASIBLE = "feasible"
+    """A verified action, not proven optimal: an amortized answer or its repair on the
+    predicted features."""
     INFEASIBLE = "infeasible"
     """Proven infeasible: no recourse exists under this person's constraints."""
     TIME_LIMIT = "time_limit"

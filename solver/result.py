@@ -47,6 +47,9 @@ class RecourseResult:
     """Largest error of piecewise-linear terms of the causal model (0 when all exact)."""
     message: str = ""
     constraints: dict[str, Any] = field(default_factory=dict)
+    answered_by: str = "milp"
+    """``milp`` (the exact engine), or for amortized answers ``amortizer``, ``mask-repair``
+    (the exact MILP over the predicted features) or ``milp-repair`` (the full MILP)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

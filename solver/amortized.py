@@ -1,0 +1,626 @@
+"""Amortized recourse: the network proposes, a line search calibrates, everything is verified.
+
+For a batch of people (:meth:`AmortizedSolver.predict`, all numpy, no loop over people):
+
+1. the network (:mod:`models.amortizer`) proposes a mask and values that obey every hard
+   constraint by construction;
+2. a line search scales the proposed changes, ``x + t (proposal - x)`` clipped into each
+   person's interval, to the smallest ``t`` on a grid whose counterfactual the classifier
+   accepts: the distilled values sit on the decision boundary, where half of any
+   regression's answers would fall short. Small batches evaluate a dense grid of ``t`` at
+   once with the exact classifier; large ones a coarse grid and then bisection, in float32,
+   since the time per person is then the classifier's arithmetic;
+3. each answer is re-simulated through the exact causal model and classifier (float64)
+   and every hard constraint is re-checked (:func:`solver.verify.verify_actions`).
+
+:meth:`AmortizedSolver.solve` then repairs every person whose answer failed: first with
+the exact MILP restricted to the predicted features (the other features locked), then
+with the full MILP. Each result says which path answered (``answered_by``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow.parquet as pq
+
+from instances import DATASETS, load_classifier, load_scm
+from models.amortizer import (
+    CHANGE,
+    HOLD,
+    MAX_ACTIONABLE,
+    NOT_ACTED,
+    Amortizer,
+    AmortizerFileError,
+    AmortizerSpec,
+    Hyperparameters,
+    TrainingTargets,
+    allowed_patterns,
+    encode_inputs,
+    pattern_index,
+    project_values,
+    train_network,
+)
+from models.classifiers import Classifier
+from models.costs import CostProfile
+from models.preferences import ConstraintArrays, PersonConstraints, parse_constraints
+from models.scm import StructuralCausalModel, VariableType
+from solver.engine import EngineOptions, RecourseSolver
+from solver.labels import package_version
+from solver.milp import SolveStatus
+from solver.result import RecourseResult, SolverInfo
+from solver.verify import verify_actions
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+_FAR = [5, 6.5, 8, 11, 15, 20, 30]
+_REVERSED = [-0.25, -0.5, -0.75, -1, -1.5, -2, -3, -4, -6, -8, -12, -16, -24, -32]
+DENSE_SCALES = np.concatenate(
+    [np.linspace(0.85, 1.15, 31), [1.2, 1.3, 1.45, 1.7, 2, 2.5, 3, 4], _FAR, _REVERSED]
+)
+"""Line search for small batches: one evaluation of every scale (1% steps near 1)."""
+COARSE_STAGES = (
+    np.array([0.85, 0.95, 1.0, 1.05, 1.15, 1.3, 1.6, 2.2]),
+    np.array([3.2, 5, 8, 15, 30, -0.5, -1, -2, -4, -8, -16, -32]),
+)
+BISECTION_STEPS = 4
+"""Large batches: the coarse grid, then this many halvings of the bracket (<= 1% near 1)."""
+CANDIDATE_PATTERNS = 2
+"""Action patterns tried for everyone, best first; the cheapest verified answer is kept."""
+MAX_PATTERNS = 4
+"""Patterns tried in all, next best first, for a person with no verified answer yet."""
+DENSE_ROWS = 4096
+"""Batches with at most this many rows of the dense grid use it."""
+FLOAT32_MARGIN = 1e-3
+"""Logit margin of the float32 line search, above float32 rounding of the logit."""
+INVALID_RATIO = 2.0
+"""Validation score of a person whose raw answer is invalid (a valid one scores its cost
+ratio to the exact optimum): hyperparameters are chosen by the mean."""
+VALIDATION_SHARE = 0.2
+HYPERPARAMETER_GRID = (
+    Hyperparameters(hidden=(64, 64), weight_decay=1e-5),
+    Hyperparameters(hidden=(128, 128), weight_decay=1e-5),
+    Hyperparameters(hidden=(64, 64), weight_decay=1e-3),
+)
+
+
+class AmortizerMismatchError(AmortizerFileError):
+    """An amortizer used with another causal model, classifier or cost than it learned."""
+
+
+@dataclass(frozen=True, eq=False)
+class AmortizedBatch:
+    """The verified raw answers for a batch (row i: person i)."""
+
+    intervene: BoolArray
+    """(n, features) features set by the action."""
+    values: FloatArray
+    counterfactual: FloatArray
+    probability: FloatArray
+    cost: FloatArray
+    verified: BoolArray
+    seconds: float
+    """Wall time of the whole batch: inputs, network, line search, verification."""
+
+    def take(self, rows: npt.NDArray[np.int64] | BoolArray) -> AmortizedBatch:
+        return AmortizedBatch(
+            self.intervene[rows],
+            self.values[rows],
+            self.counterfactual[rows],
+            self.probability[rows],
+            self.cost[rows],
+            self.verified[rows],
+            self.seconds,
+        )
+
+    def updated(self, rows: npt.NDArray[np.int64], other: AmortizedBatch) -> AmortizedBatch:
+        """This batch with ``rows`` replaced by ``other``'s rows, in order."""
+        fields = {}
+        for name in ("intervene", "values", "counterfactual", "probability", "cost", "verified"):
+            array = getattr(self, name).copy()
+            array[rows] = getattr(other, name)
+            fields[name] = array
+        return AmortizedBatch(**fields, seconds=self.seconds)
+
+
+class AmortizedSolver:
+    """Predict recourse with an amortizer; repair what fails verification with the MILP."""
+
+    def __init__(
+        self,
+        amortizer: Amortizer,
+        scm: StructuralCausalModel,
+        classifier: Classifier,
+        *,
+        exact: RecourseSolver | None = None,
+    ) -> None:
+        spec = amortizer.spec
+        check_compatible(spec, scm, classifier)
+        self.amortizer, self.scm, self.classifier = amortizer, scm, classifier
+        self.cost = CostProfile.for_model(spec.cost, scm, classifier, spec.sparsity)
+        self.exact = exact
+        self.margin = EngineOptions().margin
+        self.columns = spec.actionable_columns
+        self._fast_classifier = _folded_float32(classifier)
+        # ancestor[k, a]: actionable feature a is an ancestor of actionable feature k.
+        actionable = spec.actionable
+        self._ancestor = np.array(
+            [[k in scm.descendants([a]) - {a} for a in actionable] for k in actionable]
+        )
+
+    # -- the hot path ------------------------------------------------------------------
+
+    def predict(self, x: FloatArray, constraints: ConstraintArrays) -> AmortizedBatch:
+        """Verified raw answers for every row of ``x``: no MILP, no loop over people.
+
+        Every person's :data:`CANDIDATE_PATTERNS` best action patterns are line-searched
+        and verified together, and the cheapest verified answer kept; a person with none
+        gets the next patterns, one at a time, up to :data:`MAX_PATTERNS` in all. A person
+        still failing keeps the best pattern's answer.
+        """
+        start = time.perf_counter()
+        x = np.atleast_2d(np.asarray(x, dtype=float))
+        n = len(x)
+        noise = self.scm.abduct_noise(x)
+        stacked = np.tile(np.arange(n), CANDIDATE_PATTERNS)
+        ranks = np.repeat(np.arange(CANDIDATE_PATTERNS), n)
+        tried = self._attempt(x[stacked], noise[stacked], constraints.take(stacked), ranks)
+        cost = np.where(tried.verified, tried.cost, np.inf).reshape(CANDIDATE_PATTERNS, n)
+        best = np.where(np.isfinite(cost).any(axis=0), np.argmin(cost, axis=0), 0)
+        answer = tried.take(best * n + np.arange(n))
+        for rank in range(CANDIDATE_PATTERNS, MAX_PATTERNS):
+            failed = np.flatnonzero(~answer.verified)
+            if not failed.size:
+                break
+            retry = self._attempt(x[failed], noise[failed], constraints.take(failed), rank)
+            answer = answer.updated(failed[retry.verified], retry.take(retry.verified))
+        return dataclasses.replace(answer, seconds=time.perf_counter() - start)
+
+    def _attempt(
+        self,
+        x: FloatArray,
+        noise: FloatArray,
+        constraints: ConstraintArrays,
+        ranks: npt.NDArray[np.int64] | int,
+    ) -> AmortizedBatch:
+        """The ``ranks``-th best action pattern of each row, line-searched and verified."""
+        mask, target = self.amortizer.propose(x, constraints, ranks)
+        mask &= ~self._no_ops(x, mask, target)
+        values = self._line_search(x, noise, mask, target, constraints)
+        intervene = np.zeros(x.shape, dtype=bool)
+        intervene[:, self.columns] = mask
+        full_values = x.copy()
+        full_values[:, self.columns] = np.where(mask, values, x[:, self.columns])
+        check = verify_actions(
+            self.scm, self.classifier, self.cost, x, noise, constraints, intervene, full_values
+        )
+        return AmortizedBatch(
+            intervene,
+            full_values,
+            check.counterfactual,
+            check.probability,
+            check.cost,
+            check.verified & mask.any(axis=1),
+            0.0,
+        )
+
+    def _no_ops(self, x: FloatArray, mask: BoolArray, values: FloatArray) -> BoolArray:
+        """Acted features set to their current value with no acted ancestor: nothing to do."""
+        unchanged = np.abs(values - x[:, self.columns]) <= 1e-9 * (1 + np.abs(values))
+        held = (mask.astype(np.int64) @ self._ancestor.T.astype(np.int64)) > 0
+        return mask & unchanged & ~held
+
+    def _line_search(
+        self,
+        x: FloatArray,
+        noise: FloatArray,
+        mask: BoolArray,
+        target: FloatArray,
+        constraints: ConstraintArrays,
+    ) -> FloatArray:
+        """Values at the first scale of the schedule whose counterfactual is accepted.
+
+        Schedules list growing positive scales, then growing negative ones (the proposed
+        direction reversed), so the first accepted one is the cheapest along that line.
+        Large batches go stage by stage (only people with no accepted scale yet go on),
+        then bisect between the accepted scale and the one before it (0 at the start of
+        each sign's run).
+        """
+        n = x.shape[0]
+        line = _Line(
+            x,
+            noise,
+            mask,
+            x[:, self.columns],
+            np.where(mask, target - x[:, self.columns], 0.0),
+            constraints.lower,
+            constraints.upper,
+        )
+        dense = n * len(DENSE_SCALES) <= DENSE_ROWS
+        stages = (DENSE_SCALES,) if dense else COARSE_STAGES
+        scales = np.concatenate(stages)
+        first = np.full(n, -1)
+        offset = 0
+        for stage in stages:
+            people = np.flatnonzero(first < 0)
+            if not people.size:
+                break
+            rows = np.tile(people, len(stage))
+            accepted = self._accepted(line, rows, np.repeat(stage, len(people)), exact=dense)
+            accepted = accepted.reshape(len(stage), len(people))
+            hit = accepted.any(axis=0)
+            first[people[hit]] = offset + np.argmax(accepted[:, hit], axis=0)
+            offset += len(stage)
+        found = first >= 0
+        high = np.where(found, scales[np.maximum(first, 0)], scales[0])
+        if not dense:
+            previous = np.concatenate([[0.0], scales[:-1]])
+            previous[np.sign(previous) != np.sign(scales)] = 0.0
+            low = previous[np.maximum(first, 0)]
+            people = np.flatnonzero(found)
+            for _ in range(BISECTION_STEPS):
+                middle = 0.5 * (low[people] + high[people])
+                ok = self._accepted(line, people, middle, exact=False)
+                high[people] = np.where(ok, middle, high[people])
+                low[people] = np.where(ok, low[people], middle)
+        return self._scaled(line, np.arange(n), high)
+
+    def _scaled(self, line: _Line, people: npt.NDArray[np.int64], t: FloatArray) -> FloatArray:
+        values = line.start[people] + t[:, None] * line.step[people]
+        return project_values(self.amortizer.spec, values, line.lower[people], line.upper[people])
+
+    def _accepted(
+        self, line: _Line, people: npt.NDArray[np.int64], t: FloatArray, *, exact: bool
+    ) -> BoolArray:
+        """Does the classifier accept person ``people[i]`` after their change scaled by t[i]?"""
+        values = line.x[people]
+        values[:, self.columns] = self._scaled(line, people, t)
+        intervene = np.zeros(values.shape, dtype=bool)
+        intervene[:, self.columns] = line.mask[people]
+        counterfactual = self.scm.propagate_counterfactual(
+            line.x[people], intervene, values, line.noise[people]
+        )
+        threshold = self.classifier.logit_threshold + self.margin
+        if exact:
+            return self.classifier.logit(counterfactual) >= threshold
+        logit = self._fast_classifier.forward(counterfactual.astype(np.float32))[:, 0]
+        return logit >= threshold + FLOAT32_MARGIN
+
+    # -- answers with repair -----------------------------------------------------------
+
+    def solve(
+        self, x: FloatArray, constraints: Sequence[PersonConstraints]
+    ) -> list[RecourseResult]:
+        """One verified answer per person: the network's, else a repair's (see module doc)."""
+        x = np.atleast_2d(np.asarray(x, dtype=float))
+        arrays = ConstraintArrays.from_constraints(self.scm, x, constraints)
+        batch = self.predict(x, arrays)
+        each = batch.seconds / max(len(x), 1)
+        results = []
+        for i, person in enumerate(constraints):
+            if batch.verified[i]:
+                results.append(self._amortized_result(x[i], person, batch, i, each))
+            else:
+                results.append(self._repaired(x[i], person, batch.intervene[i], each))
+        return results
+
+    def _amortized_result(
+        self, x: FloatArray, person: PersonConstraints, batch: AmortizedBatch, i: int, each: float
+    ) -> RecourseResult:
+        scm = self.scm
+        acted = np.flatnonzero(batch.intervene[i])
+        factual_probability = float(self.classifier.probability(x[None, :])[0])
+        return RecourseResult(
+            status=SolveStatus.FEASIBLE,
+            factual=_row(scm, x),
+            action={scm.names[k]: float(batch.values[i, k]) for k in acted},
+            counterfactual=_row(scm, batch.counterfactual[i]),
+            cost=float(batch.cost[i]),
+            probability=float(batch.probability[i]),
+            factual_probability=factual_probability,
+            verified=True,
+            verification_failures=(),
+            solver=SolverInfo("amortizer", package_version(), each, 0.0, None, 0),
+            message="amortized answer: verified, not proven optimal",
+            constraints=person.to_dict(),
+            answered_by="amortizer",
+        )
+
+    def _repaired(
+        self, x: FloatArray, person: PersonConstraints, intervene: BoolArray, each: float
+    ) -> RecourseResult:
+        if self.exact is None:
+            raise ValueError("Repairs need the exact solver: pass exact=RecourseSolver(...).")
+        factual_probability = float(self.classifier.probability(x[None, :])[0])
+        if factual_probability >= self.classifier.threshold:
+            return self.exact.solve(x, person)
+        predicted = {self.scm.names[k] for k in np.flatnonzero(intervene)}
+        if predicted:
+            # The exact problem on the predicted features only: a cheap, small MILP.
+            others = set(self.scm.actionable) - predicted
+            restricted = dataclasses.replace(person, locks=person.locks | others)
+            result = self.exact.solve(x, restricted)
+            if result.verified and result.status is SolveStatus.OPTIMAL:
+                return dataclasses.replace(
+                    result,
+                    status=SolveStatus.FEASIBLE,
+                    constraints=person.to_dict(),
+                    message="repaired: exact optimum over the predicted features only",
+                    answered_by="mask-repair",
+                    solver=_plus_seconds(result.solver, each),
+                )
+        result = self.exact.solve(x, person)
+        return dataclasses.replace(
+            result, answered_by="milp-repair", solver=_plus_seconds(result.solver, each)
+        )
+
+
+def check_compatible(
+    spec: AmortizerSpec, scm: StructuralCausalModel, classifier: Classifier
+) -> None:
+    """Refuse an amortizer trained on another causal model or classifier (content hashes)."""
+    for what, expected, actual in (
+        ("causal model", spec.scm_hash, scm.content_hash()),
+        ("classifier", spec.classifier_hash, classifier.content_hash()),
+    ):
+        if expected != actual:
+            raise AmortizerMismatchError(
+                f"This amortizer was trained for another {what} (content hash {expected[:12]}, "
+                f"this one's is {actual[:12]}): retrain it with 'recourse train' on labels "
+                f"of this {what}."
+            )
+    if tuple(spec.feature_names) != scm.names or tuple(spec.actionable) != scm.actionable:
+        raise AmortizerMismatchError(
+            f"This amortizer's features {list(spec.feature_names)} (actionable "
+            f"{list(spec.actionable)}) are not the causal model's."
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class _Line:
+    """The people of a line search: their rows, proposed changes and intervals."""
+
+    x: FloatArray
+    noise: FloatArray
+    mask: BoolArray
+    start: FloatArray
+    step: FloatArray
+    lower: FloatArray
+    upper: FloatArray
+
+
+@dataclass(frozen=True, eq=False)
+class _Float32Network:
+    layers: tuple[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]], ...]
+
+    def forward(self, a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        for weights, bias in self.layers[:-1]:
+            a = np.maximum(a @ weights + bias, np.float32(0))
+        weights, bias = self.layers[-1]
+        return a @ weights + bias
+
+
+def _folded_float32(classifier: Classifier) -> _Float32Network:
+    """The classifier in float32 with its standardization folded into the first layer."""
+    layers = [(layer.weights, layer.bias) for layer in classifier.layers]
+    first, bias = layers[0]
+    layers[0] = (
+        first / classifier.scale[:, None],
+        bias - (classifier.mean / classifier.scale) @ first,
+    )
+    return _Float32Network(tuple((w.astype(np.float32), b.astype(np.float32)) for w, b in layers))
+
+
+def _holdable(scm: StructuralCausalModel) -> BoolArray:
+    """Actionable features with an actionable ancestor: holding them is an action."""
+    actionable = scm.actionable
+    return np.array([any(k in scm.descendants([a]) - {a} for a in actionable) for k in actionable])
+
+
+def _row(scm: StructuralCausalModel, x: FloatArray) -> dict[str, float]:
+    return {name: float(v) for name, v in zip(scm.names, x, strict=True)}
+
+
+def _plus_seconds(info: SolverInfo, seconds: float) -> SolverInfo:
+    return dataclasses.replace(info, runtime_seconds=info.runtime_seconds + seconds)
+
+
+# -- training from labels ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LabelData:
+    """The exactly solved people of a label table, as arrays."""
+
+    scm: StructuralCausalModel
+    classifier: Classifier
+    metadata: dict[str, str]
+    person_id: npt.NDArray[np.int64]
+    x: FloatArray
+    people: list[PersonConstraints]
+    constraints: ConstraintArrays
+    """``people`` as arrays."""
+    mask: BoolArray
+    """(n, K) the optimal action's features."""
+    values: FloatArray
+    """(n, K) the optimal values (the current value where not acted on)."""
+    cost: FloatArray
+
+
+def read_labels(path: Path) -> LabelData:
+    """The optimal, verified, non-empty answers of a ``recourse label`` table."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:
+        raise AmortizerFileError(f"The label table {path} cannot be read: {exc}.") from None
+    raw_metadata = parquet.schema_arrow.metadata or {}
+    metadata = {k.decode(): v.decode() for k, v in raw_metadata.items()}
+    missing = [
+        k for k in ("dataset", "classifier", "cost_profile", "scm_hash") if k not in metadata
+    ]
+    if missing:
+        raise AmortizerFileError(
+            f"{path} is not a table written by 'recourse label': its metadata lacks {missing}."
+        )
+    if metadata["dataset"] not in DATASETS:
+        raise AmortizerFileError(
+            f"The labels' dataset must be one of {list(DATASETS)}. Got {metadata['dataset']!r}."
+        )
+    scm = load_scm(metadata["dataset"])
+    classifier = load_classifier(metadata["dataset"], metadata["classifier"])
+    for what, key, actual in (
+        ("causal model", "scm_hash", scm.content_hash()),
+        ("classifier", "classifier_hash", classifier.content_hash()),
+    ):
+        if metadata.get(key) != actual:
+            raise AmortizerMismatchError(
+                f"The labels in {path} were made with another {what} than the installed "
+                f"{metadata['dataset']!r} one (content hashes differ): label again."
+            )
+    table = parquet.read().to_pandas()
+    actionable = scm.actionable
+    acted = table[[f"action_mask.{n}" for n in actionable]].to_numpy(dtype=bool)
+    keep = (
+        (table["status"] == SolveStatus.OPTIMAL.value).to_numpy()
+        & table["verified"].to_numpy(dtype=bool)
+        & acted.any(axis=1)
+    )
+    table, acted = table[keep], acted[keep]
+    x = table[[f"factual.{n}" for n in scm.names]].to_numpy(dtype=float)
+    people = [
+        parse_constraints(json.loads(raw), scm, who=f"person {pid}")
+        for raw, pid in zip(table["constraints"], table["person_id"], strict=True)
+    ]
+    columns = [scm.index[n] for n in actionable]
+    chosen = table[[f"action_value.{n}" for n in actionable]].to_numpy(dtype=float)
+    values = np.where(acted, chosen, x[:, columns])
+    return LabelData(
+        scm,
+        classifier,
+        metadata,
+        table["person_id"].to_numpy(dtype=np.int64),
+        x,
+        people,
+        ConstraintArrays.from_constraints(scm, x, people),
+        acted,
+        values,
+        table["cost"].to_numpy(dtype=float),
+    )
+
+
+def train_amortizer(
+    labels: LabelData,
+    *,
+    constraint_inputs: bool = True,
+    seed: int = 0,
+    grid: Sequence[Hyperparameters] = HYPERPARAMETER_GRID,
+    label_file: str = "",
+) -> tuple[Amortizer, dict[str, Any]]:
+    """Train one network per hyperparameter setting; keep the best on a validation split.
+
+    The split is by person (:data:`VALIDATION_SHARE`, seeded); the score is the mean cost
+    ratio to the exact optimum of the verified raw answers, with :data:`INVALID_RATIO` for
+    an invalid one (see :meth:`AmortizedSolver.predict`).
+    """
+    scm, classifier = labels.scm, labels.classifier
+    if len(scm.actionable) > MAX_ACTIONABLE:
+        raise AmortizerFileError(
+            f"The amortizer enumerates action patterns: at most {MAX_ACTIONABLE} actionable "
+            f"features. The model has {len(scm.actionable)}."
+        )
+    if len(labels.x) < 20:
+        raise AmortizerFileError(
+            f"Too few solved people to train on: {len(labels.x)} (at least 20 are needed)."
+        )
+    metadata = labels.metadata
+    columns = [scm.index[n] for n in scm.actionable]
+    integer = np.array(
+        [scm.variables[j].type is not VariableType.CONTINUOUS for j in columns], dtype=bool
+    )
+    spec = AmortizerSpec(
+        dataset=metadata["dataset"],
+        classifier=metadata["classifier"],
+        cost=metadata["cost_profile"],
+        sparsity=0.0,
+        scm_hash=metadata["scm_hash"],
+        classifier_hash=metadata["classifier_hash"],
+        feature_names=scm.names,
+        actionable=scm.actionable,
+        mean=np.asarray(classifier.mean, dtype=float),
+        scale=np.asarray(classifier.scale, dtype=float),
+        integer=integer,
+        holdable=_holdable(scm),
+        constraint_inputs=constraint_inputs,
+    )
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels.x))
+    cut = int(round(len(order) * (1 - VALIDATION_SHARE)))
+    train, validation = order[:cut], order[cut:]
+    catalogue = spec.catalogue
+
+    def split(rows: npt.NDArray[np.int64]) -> tuple[FloatArray, TrainingTargets]:
+        arrays = labels.constraints.take(rows)
+        x = labels.x[rows]
+        change = (labels.values[rows] - x[:, columns]) / spec.scale[columns]
+        held = labels.mask[rows] & (np.abs(change) <= 1e-9)
+        pattern = np.where(labels.mask[rows], np.where(held, HOLD, CHANGE), NOT_ACTED)
+        changed = pattern == CHANGE
+        targets = TrainingTargets(
+            pattern_index(pattern, spec.holdable),
+            np.where(changed, change, 0.0),
+            changed,
+            allowed_patterns(arrays, x[:, columns], catalogue),
+        )
+        return encode_inputs(spec, x, arrays), targets
+
+    train_set, validation_set = split(train), split(validation)
+    candidates = []
+    for i, params in enumerate(grid):
+        network, history = train_network(*train_set, validation_set, params, seed + i)
+        amortizer = Amortizer(spec, network)
+        solver = AmortizedSolver(amortizer, scm, classifier)
+        batch = solver.predict(labels.x[validation], labels.constraints.take(validation))
+        ratio = batch.cost / labels.cost[validation]
+        score = float(np.where(batch.verified, ratio, INVALID_RATIO).mean())
+        candidates.append(
+            (
+                score,
+                i,
+                amortizer,
+                {
+                    "hidden": list(params.hidden),
+                    "weight_decay": params.weight_decay,
+                    "epochs": history["epochs"],
+                    "validation_loss": history["validation_loss"],
+                    "validation_raw_validity": float(batch.verified.mean()),
+                    "validation_mean_cost_ratio": float(ratio[batch.verified].mean())
+                    if batch.verified.any()
+                    else None,
+                    "validation_mask_agreement": float(
+                        (batch.intervene[:, columns] == labels.mask[validation]).all(axis=1).mean()
+                    ),
+                    "score": score,
+                },
+            )
+        )
+    best = min(candidates, key=lambda c: (c[0], c[1]))
+    report = {
+        "label_file": label_file,
+        "label_identity": metadata.get("identity", ""),
+        "scheme": metadata.get("scheme", ""),
+        "seed": seed,
+        "people": {"train": len(train), "validation": len(validation)},
+        "candidates": [c[3] for c in candidates],
+        "chosen": best[1],
+    }
+    spec = dataclasses.replace(spec, training=report)
+    return Amortizer(spec, best[2].network), report

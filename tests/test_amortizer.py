@@ -1,0 +1,305 @@
+"""The amortizer: hard constraints by construction, verification and repair, its files, CLI.
+
+A small amortizer is distilled from exact labels of 160 Loan people (logistic regression,
+``mixed`` elicitation) once per session; the hard-constraint properties are also checked
+on untrained (random) networks, since they must hold whatever the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner, Result
+
+from instances import load_classifier, load_scm
+from models.amortizer import (
+    Amortizer,
+    AmortizerFileError,
+    Hyperparameters,
+    Network,
+    load_amortizer,
+    pattern_catalogue,
+    pattern_index,
+    save_amortizer,
+)
+from models.costs import CostProfile
+from models.elicitation import PreferenceElicitor
+from models.preferences import ConstraintArrays, parse_constraints
+from models.scm import VariableType
+from solver.amortized import (
+    AmortizedSolver,
+    AmortizerMismatchError,
+    read_labels,
+    train_amortizer,
+)
+from solver.cli import main
+from solver.engine import RecourseSolver
+from solver.labels import LabelJob, run_job, sample_population
+from solver.milp import SolveStatus
+from solver.verify import verify_action
+
+TINY_GRID = (Hyperparameters(hidden=(32, 32), max_epochs=80, patience=10),)
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture(scope="session")
+def loan_labels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    scm, clf = load_scm("loan"), load_classifier("loan", "lr")
+    out = tmp_path_factory.mktemp("labels") / "loan-lr.parquet"
+    job = LabelJob("loan", "lr", "mixed", "l1", 0, "highs", 30.0)
+    run_job(job, sample_population(scm, clf, 160, 0), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(loan_labels: Path) -> Amortizer:
+    amortizer, _ = train_amortizer(read_labels(loan_labels), grid=TINY_GRID)
+    return amortizer
+
+
+def random_network(amortizer: Amortizer, seed: int) -> Amortizer:
+    """The same spec with random weights: constraints must hold whatever the network says."""
+    rng = np.random.default_rng(seed)
+    layers = tuple(
+        (rng.normal(0, 3, w.shape), rng.normal(0, 3, b.shape)) for w, b in amortizer.network.layers
+    )
+    return Amortizer(amortizer.spec, Network(layers))
+
+
+def people_and_constraints(dataset: str, kind: str, n: int, seed: int, scheme: str = "mixed"):
+    scm, clf = load_scm(dataset), load_classifier(dataset, kind)
+    x = sample_population(scm, clf, n, seed).x
+    elicitor = PreferenceElicitor(scm, scheme, seed)
+    people = [parse_constraints(elicitor.constraints(i, row), scm) for i, row in enumerate(x)]
+    # Directions and change limits too, which the schemes do not draw.
+    rng = np.random.default_rng(seed)
+    for i in range(0, n, 3):
+        name = str(rng.choice(scm.actionable))
+        direction = {name: "increase" if rng.random() < 0.5 else "decrease"}
+        people[i] = dataclasses.replace(
+            people[i], directions=direction, max_changes=int(rng.integers(1, 3))
+        )
+    return scm, clf, x, people
+
+
+def assert_hard_constraints(scm, x, people, intervene, values) -> None:
+    for i, person in enumerate(people):
+        acted = [scm.names[j] for j in np.flatnonzero(intervene[i])]
+        assert set(acted) <= set(scm.actionable)
+        assert not set(acted) & person.locks, (i, acted, person.locks)
+        if person.max_changes is not None:
+            assert len(acted) <= person.max_changes
+        for name in acted:
+            j = scm.index[name]
+            var, value = scm.variables[j], values[i, j]
+            lower, upper = person.bounds.get(name, (var.lower, var.upper))
+            assert lower - 1e-9 <= value <= upper + 1e-9, (i, name, value, lower, upper)
+            direction = person.directions.get(name)
+            if direction == "increase":
+                assert value >= x[i, j] - 1e-9
+            if direction == "decrease":
+                assert value <= x[i, j] + 1e-9
+            if var.type is not VariableType.CONTINUOUS:
+                assert value == round(value)
+
+
+# -- hard constraints by construction ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("dataset", "kind"), [("loan", "lr"), ("gsmc", "lr")])
+@pytest.mark.parametrize("network_seed", [0, 1, 2])
+def test_random_networks_never_break_a_hard_constraint(
+    trained: Amortizer, dataset: str, kind: str, network_seed: int
+) -> None:
+    scm, clf, x, people = people_and_constraints(dataset, kind, 1000, network_seed)
+    spec = trained.spec
+    if dataset != "loan":  # the same architecture over GSMC's features
+        columns = [scm.index[n] for n in scm.actionable]
+        spec = dataclasses.replace(
+            spec,
+            dataset=dataset,
+            scm_hash=scm.content_hash(),
+            classifier_hash=clf.content_hash(),
+            feature_names=scm.names,
+            actionable=scm.actionable,
+            mean=clf.mean,
+            scale=clf.scale,
+            integer=np.array(
+                [scm.variables[j].type is not VariableType.CONTINUOUS for j in columns]
+            ),
+        )
+    inputs = len(scm.names) + 7 * len(scm.actionable) + 1
+    outputs = len(spec.catalogue) + len(spec.actionable)
+    rng = np.random.default_rng(network_seed)
+    layers = ((rng.normal(0, 3, (inputs, 16)), rng.normal(0, 3, 16)),)
+    layers += ((rng.normal(0, 3, (16, outputs)), rng.normal(0, 3, outputs)),)
+    amortizer = Amortizer(spec, Network(layers))
+    arrays = ConstraintArrays.from_constraints(scm, x, people)
+    # The network's own proposal, every fallback rank, and the final line-searched answer.
+    for rank in range(3):
+        mask, values = amortizer.propose(x, arrays, rank)
+        intervene = np.zeros(x.shape, dtype=bool)
+        intervene[:, spec.actionable_columns] = mask
+        full = x.copy()
+        full[:, spec.actionable_columns] = values
+        assert_hard_constraints(scm, x, people, intervene, full)
+    batch = AmortizedSolver(amortizer, scm, clf).predict(x, arrays)
+    assert_hard_constraints(scm, x, people, batch.intervene, batch.values)
+
+
+def test_trained_model_keeps_constraints_and_verifies_on_thousands(trained: Amortizer) -> None:
+    scm, clf, x, people = people_and_constraints("loan", "lr", 2000, 7)
+    solver = AmortizedSolver(trained, scm, clf)
+    batch = solver.predict(x, ConstraintArrays.from_constraints(scm, x, people))
+    assert_hard_constraints(scm, x, people, batch.intervene, batch.values)
+    cost = CostProfile.for_model("l1", scm, clf)
+    # The batched verification agrees with the one-person verification.
+    for i in range(0, 2000, 97):
+        noise = scm.abduct_noise(x[i : i + 1])[0]
+        check = verify_action(
+            scm, clf, cost, x[i], noise, people[i], batch.intervene[i], batch.values[i]
+        )
+        assert check.verified == bool(batch.verified[i]) or not batch.intervene[i].any()
+        if batch.verified[i]:
+            assert check.cost == pytest.approx(batch.cost[i], rel=1e-9, abs=1e-12)
+            assert check.probability >= clf.threshold
+    assert batch.verified.mean() > 0.8  # a tiny model, but it has learned something
+
+
+# -- never an invalid answer -------------------------------------------------------------
+
+
+def test_failed_answers_are_repaired_and_never_beat_the_optimum(trained: Amortizer) -> None:
+    scm, clf, x, people = people_and_constraints("loan", "lr", 40, 3)
+    cost = CostProfile.for_model("l1", scm, clf)
+    exact = RecourseSolver(scm, clf, cost)
+    broken = random_network(trained, 5)  # proposes nonsense: most answers must be repaired
+    results = AmortizedSolver(broken, scm, clf, exact=exact).solve(x, people)
+    paths = {r.answered_by for r in results}
+    assert paths & {"mask-repair", "milp-repair"}
+    for xi, person, result in zip(x, people, results, strict=True):
+        optimum = exact.solve(xi, person)
+        if optimum.status is SolveStatus.INFEASIBLE:
+            assert result.status is SolveStatus.INFEASIBLE
+            continue
+        assert result.verified, result
+        assert result.cost >= optimum.cost * (1 - 1e-6) - 1e-9
+        if result.answered_by == "milp-repair":
+            assert result.cost == pytest.approx(optimum.cost, rel=1e-6, abs=1e-9)
+        assert result.constraints == person.to_dict()
+
+
+def test_amortized_answers_cost_no_less_than_the_exact_labels(
+    trained: Amortizer, loan_labels: Path
+) -> None:
+    labels = read_labels(loan_labels)
+    solver = AmortizedSolver(trained, labels.scm, labels.classifier)
+    batch = solver.predict(labels.x, labels.constraints)
+    ratio = batch.cost[batch.verified] / labels.cost[batch.verified]
+    assert (ratio >= 1 - 1e-6).all()
+    assert batch.verified.mean() > 0.9
+
+
+# -- files -------------------------------------------------------------------------------
+
+
+def test_files_round_trip_to_identical_answers(trained: Amortizer, tmp_path: Path) -> None:
+    save_amortizer(trained, tmp_path / "model")
+    loaded = load_amortizer(tmp_path / "model")
+    assert loaded.spec.to_dict() == trained.spec.to_dict()
+    scm, clf, x, people = people_and_constraints("loan", "lr", 200, 11)
+    arrays = ConstraintArrays.from_constraints(scm, x, people)
+    a = AmortizedSolver(trained, scm, clf).predict(x, arrays)
+    b = AmortizedSolver(loaded, scm, clf).predict(x, arrays)
+    np.testing.assert_array_equal(a.intervene, b.intervene)
+    np.testing.assert_array_equal(a.values, b.values)
+    document = json.loads((tmp_path / "model" / "amortizer.json").read_text())
+    assert document["training"]["candidates"]
+
+
+def test_a_model_of_another_causal_model_or_classifier_is_refused(trained: Amortizer) -> None:
+    gsmc = load_scm("gsmc")
+    with pytest.raises(AmortizerMismatchError, match="another causal model"):
+        AmortizedSolver(trained, gsmc, load_classifier("gsmc", "lr"))
+    with pytest.raises(AmortizerMismatchError, match="another classifier"):
+        AmortizedSolver(trained, load_scm("loan"), load_classifier("loan", "mlp"))
+
+
+def test_tampered_or_incomplete_folders_are_refused(trained: Amortizer, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    save_amortizer(trained, folder)
+    other = random_network(trained, 1)
+    save_amortizer(other, tmp_path / "other")
+    (folder / "amortizer.npz").write_bytes((tmp_path / "other" / "amortizer.npz").read_bytes())
+    with pytest.raises(AmortizerFileError, match="different trainings"):
+        load_amortizer(folder)
+    (folder / "amortizer.npz").unlink()
+    with pytest.raises(AmortizerFileError, match=r"amortizer\.npz is missing"):
+        load_amortizer(folder)
+
+
+def test_patterns_index_round_trip() -> None:
+    holdable = np.array([False, True, False, True])
+    catalogue = pattern_catalogue(holdable)
+    assert len(catalogue) == 2 * 3 * 2 * 3
+    np.testing.assert_array_equal(pattern_index(catalogue, holdable), np.arange(len(catalogue)))
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def test_cli_trains_and_solves_one_person_and_a_table(loan_labels: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    result = run("train", str(loan_labels), "--out", str(model), "--seed", "1")
+    assert result.exit_code == 0, result.output
+    assert "raw validity" in result.output
+    assert (model / "amortizer.npz").exists()
+
+    result = run(
+        "solve", "--index", "3", "--method", "amortized", "--model", str(model), "--format", "json"
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output[result.output.index("{") :])
+    assert document["verified"] is True
+    assert document["answered_by"] in ("amortizer", "mask-repair", "milp-repair")
+    assert document["classifier"] == "lr"
+
+    out = tmp_path / "answers.parquet"
+    result = run(
+        "solve", str(loan_labels), "--method", "amortized", "--model", str(model), "--out", str(out)
+    )
+    assert result.exit_code in (0, 3), result.output
+    answers = pd.read_parquet(out)
+    labels = pd.read_parquet(loan_labels)
+    assert len(answers) == len(labels)
+    solved = (labels["status"] == "optimal").to_numpy()
+    assert answers["verified"].to_numpy()[solved].all()
+    assert (
+        answers["cost"].to_numpy()[solved] >= labels["cost"].to_numpy()[solved] * (1 - 1e-6)
+    ).all()
+
+
+def test_cli_refuses_mismatched_amortizer_use(loan_labels: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    assert run("train", str(loan_labels), "--out", str(model)).exit_code == 0
+    result = run("solve", "--index", "0", "--method", "amortized")
+    assert result.exit_code == 2 and "needs --model" in result.output
+    result = run(
+        "solve", "--index", "0", "--method", "amortized", "--model", str(model), "--cost", "carma"
+    )
+    assert result.exit_code == 2 and "--cost carma differs" in result.output
+    document = json.loads((model / "amortizer.json").read_text())
+    document["classifier_hash"] = "0" * 64
+    (model / "amortizer.json").write_text(json.dumps(document))
+    result = run("solve", "--index", "0", "--method", "amortized", "--model", str(model))
+    assert result.exit_code == 2 and "another classifier" in result.output
+    result = run("train", str(tmp_path / "model" / "amortizer.json"), "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "cannot be read" in result.output
