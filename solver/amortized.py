@@ -62,21 +62,29 @@ from solver.verify import verify_actions
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
-_FAR = [5, 6.5, 8, 11, 15, 20, 30]
+
+def _by_size(scales: list[float]) -> FloatArray:
+    """Scales in the order the line search tries them: smallest change first, and the
+    proposed direction before the reversed one at equal size."""
+    return np.array(sorted(scales, key=lambda t: (abs(t), t < 0)), dtype=float)
+
+
 _REVERSED = [-0.25, -0.5, -0.75, -1, -1.5, -2, -3, -4, -6, -8, -12, -16, -24, -32]
-DENSE_SCALES = np.concatenate(
-    [np.linspace(0.85, 1.15, 31), [1.2, 1.3, 1.45, 1.7, 2, 2.5, 3, 4], _FAR, _REVERSED]
+DENSE_SCALES = _by_size(
+    [*np.linspace(0.85, 1.15, 31), 1.2, 1.3, 1.45, 1.7, 2, 2.5, 3, 4, 5, 6.5, 8, 11, 15, 20, 30]
+    + _REVERSED
 )
 """Line search for small batches: one evaluation of every scale (1% steps near 1)."""
 COARSE_STAGES = (
-    np.array([0.85, 0.95, 1.0, 1.05, 1.15, 1.3, 1.6, 2.2]),
-    np.array([3.2, 5, 8, 15, 30, -0.5, -1, -2, -4, -8, -16, -32]),
+    _by_size([0.85, 0.95, 1.0, 1.05, 1.15, 1.3, 1.6, 2.2, -0.25, -0.5, -1, -2]),
+    _by_size([3.2, 5, 8, 15, 30, -4, -8, -16, -32]),
 )
-BISECTION_STEPS = 4
-"""Large batches: the coarse grid, then this many halvings of the bracket (<= 1% near 1)."""
-CANDIDATE_PATTERNS = 2
+BISECTION_STEPS = {True: 3, False: 6}
+"""Halvings of the bracket after the dense (True) or coarse (False) grid: <= 1.5 % of the
+scale, and <= 0.3 % near 1."""
+CANDIDATE_PATTERNS = 4
 """Action patterns tried for everyone, best first; the cheapest verified answer is kept."""
-MAX_PATTERNS = 4
+MAX_PATTERNS = 6
 """Patterns tried in all, next best first, for a person with no verified answer yet."""
 DENSE_ROWS = 4096
 """Batches with at most this many rows of the dense grid use it."""
@@ -229,11 +237,11 @@ class AmortizedSolver:
     ) -> FloatArray:
         """Values at the first scale of the schedule whose counterfactual is accepted.
 
-        Schedules list growing positive scales, then growing negative ones (the proposed
-        direction reversed), so the first accepted one is the cheapest along that line.
-        Large batches go stage by stage (only people with no accepted scale yet go on),
-        then bisect between the accepted scale and the one before it (0 at the start of
-        each sign's run).
+        Schedules list scales by size, negative ones reversing the proposed direction,
+        so the first accepted one is the smallest change along that line either way.
+        Large batches go stage by stage (only people with no accepted scale yet go on).
+        Then bisection between the accepted scale and the next smaller one of its sign
+        (or 0) narrows it down.
         """
         n = x.shape[0]
         line = _Line(
@@ -262,16 +270,15 @@ class AmortizedSolver:
             offset += len(stage)
         found = first >= 0
         high = np.where(found, scales[np.maximum(first, 0)], scales[0])
-        if not dense:
-            previous = np.concatenate([[0.0], scales[:-1]])
-            previous[np.sign(previous) != np.sign(scales)] = 0.0
-            low = previous[np.maximum(first, 0)]
-            people = np.flatnonzero(found)
-            for _ in range(BISECTION_STEPS):
-                middle = 0.5 * (low[people] + high[people])
-                ok = self._accepted(line, people, middle, exact=False)
-                high[people] = np.where(ok, middle, high[people])
-                low[people] = np.where(ok, low[people], middle)
+        smaller = [[u for u in scales if u * t > 0 and abs(u) < abs(t)] for t in scales]
+        previous = np.array([max(u, key=abs) if u else 0.0 for u in smaller])
+        low = previous[np.maximum(first, 0)]
+        people = np.flatnonzero(found)
+        for _ in range(BISECTION_STEPS[dense]):
+            middle = 0.5 * (low[people] + high[people])
+            ok = self._accepted(line, people, middle, exact=dense)
+            high[people] = np.where(ok, middle, high[people])
+            low[people] = np.where(ok, low[people], middle)
         return self._scaled(line, np.arange(n), high)
 
     def _scaled(self, line: _Line, people: npt.NDArray[np.int64], t: FloatArray) -> FloatArray:

@@ -3,8 +3,9 @@
 Commands: ``solve`` (one person's optimal, verified recourse, as text or JSON),
 ``backends`` (which solver backends this installation can run), ``train-classifier``
 (retrain the built-in classifiers), ``fit`` (a causal model and classifier from your own
-table and causal graph) and ``label`` (labels for a whole population, with
-simulated preference elicitation, resumable, on several processes or a Dask cluster). The
+table and causal graph), ``label`` (labels for a whole population, with
+simulated preference elicitation, resumable, on several processes or a Dask cluster) and
+``train`` (an amortizer distilled from labels, used by ``solve --method amortized``). The
 CLI parses, calls the engine and prints; every rule about people, constraints and costs
 lives in ``models`` and ``solver``.
 """
