@@ -19,20 +19,24 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from models.expressions import (
+    CompiledExpression,
+    CompiledInverse,
     Expr,
     ExpressionError,
+    Var,
     check_invertible,
+    compile_expression,
+    compile_inverse,
     evaluate,
     free_names,
     parse_expression,
     sigmoid,
-    solve_for,
 )
 
 FloatArray = npt.NDArray[np.float64]
@@ -186,6 +190,18 @@ class Variable:
     description: str = ""
 
 
+class _CompiledEquation(NamedTuple):
+    """One variable's equation compiled once, for the per-call numerics."""
+
+    parents: tuple[tuple[str, int], ...]
+    """(name, column) of each parent."""
+    value: CompiledExpression
+    """The variable from its parents and ``noise``."""
+    noise: CompiledInverse | None
+    """``noise`` from the variable and its parents (abduction); None when the equation is
+    ``noise`` itself (roots, one-hot levels), whose noise is the value."""
+
+
 @dataclass(frozen=True)
 class Label:
     """How the ground-truth label is produced: deterministically, or drawn from a probability."""
@@ -222,6 +238,27 @@ class StructuralCausalModel:
         self.label_spec = label
         self.one_hot = dict(one_hot or {})
         self._document = document
+        self._compile()
+
+    def _compile(self) -> None:
+        self._equations = [
+            _CompiledEquation(
+                tuple((p, self.index[p]) for p in var.parents),
+                compile_expression(var.equation),
+                None if isinstance(var.equation, Var) else compile_inverse(var.equation, NOISE),
+            )
+            for var in self.variables
+        ]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Closures do not pickle; they are rebuilt from the parsed equations.
+        state = self.__dict__.copy()
+        del state["_equations"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._compile()
 
     # -- loading ------------------------------------------------------------------------
 
@@ -321,8 +358,9 @@ class StructuralCausalModel:
         """Features from exogenous noise, in topological order (the observational model)."""
         noise = np.atleast_2d(np.asarray(noise, dtype=float))
         x = np.empty_like(noise)
-        for j in range(self.num_features):
-            x[:, j] = self._structural_value(j, x, noise[:, j])
+        columns = list(x.T)  # views, filled in topological order
+        for j, equation in enumerate(self._equations):
+            x[:, j] = equation.value(_equation_env(equation, columns, noise[:, j]))
         return x
 
     def sample(self, n: int, seed: int | np.random.Generator) -> tuple[FloatArray, FloatArray]:
@@ -333,10 +371,12 @@ class StructuralCausalModel:
     def abduct_noise(self, x: FloatArray) -> FloatArray:
         """Recover the noise behind factual rows (inverting each equation for ``noise``)."""
         x = np.atleast_2d(np.asarray(x, dtype=float))
-        noise = np.empty_like(x)
-        for j, var in enumerate(self.variables):
-            env = self._parent_env(var, x)
-            noise[:, j] = solve_for(var.equation, NOISE, x[:, j], env)
+        noise = np.copy(x)  # right already where the equation is ``noise`` itself
+        columns = list(x.T)
+        for j, equation in enumerate(self._equations):
+            if equation.noise is not None:
+                env = {name: columns[k] for name, k in equation.parents}
+                noise[:, j] = equation.noise(columns[j], env)
         return noise
 
     def propagate_counterfactual(
@@ -354,12 +394,24 @@ class StructuralCausalModel:
         x_factual = np.atleast_2d(np.asarray(x_factual, dtype=float))
         if noise is None:
             noise = self.abduct_noise(x_factual)
-        intervene = np.broadcast_to(np.asarray(intervene, dtype=bool), x_factual.shape)
-        values = np.broadcast_to(np.asarray(values, dtype=float), x_factual.shape)
+        intervene = _broadcast(np.asarray(intervene, dtype=bool), x_factual.shape)
+        values = _broadcast(np.asarray(values, dtype=float), x_factual.shape)
         x = np.empty_like(x_factual)
-        for j in range(self.num_features):
-            natural = self._structural_value(j, x, noise[:, j])
-            x[:, j] = np.where(intervene[:, j], values[:, j], natural)
+        columns = list(x.T)  # views, filled in topological order
+        # A feature set in every row needs no equation, one set in none no np.where: on few
+        # rows (the solvers' checks) these per-column numpy calls are most of the cost. One
+        # row per feature, because numpy reduces a narrow array along axis 0 slowly.
+        intervene_by_feature = np.ascontiguousarray(intervene.T)
+        set_everywhere = intervene_by_feature.all(axis=1).tolist()
+        set_somewhere = intervene_by_feature.any(axis=1).tolist()
+        for j, equation in enumerate(self._equations):
+            if set_everywhere[j]:
+                x[:, j] = values[:, j]
+                continue
+            natural = equation.value(_equation_env(equation, columns, noise[:, j]))
+            if set_somewhere[j]:
+                natural = np.where(intervene_by_feature[j], values[:, j], natural)
+            x[:, j] = natural
         return x
 
     def label(self, x: FloatArray, seed: int | np.random.Generator | None = None) -> FloatArray:
@@ -394,17 +446,21 @@ class StructuralCausalModel:
             [v.noise.log_density(noise[:, j]) for j, v in enumerate(self.variables)], axis=0
         )
 
-    def _structural_value(self, j: int, x: FloatArray, noise_j: FloatArray) -> FloatArray:
-        var = self.variables[j]
-        env = self._parent_env(var, x)
-        env[NOISE] = noise_j
-        return np.broadcast_to(evaluate(var.equation, env), (x.shape[0],))
-
-    def _parent_env(self, var: Variable, x: FloatArray) -> dict[str, Any]:
-        return {p: x[:, self.index[p]] for p in var.parents}
-
     def _env(self, x: FloatArray) -> dict[str, Any]:
         return {n: x[:, i] for i, n in enumerate(self.names)}
+
+
+def _equation_env(
+    equation: _CompiledEquation, columns: Sequence[FloatArray], noise: FloatArray
+) -> dict[str, FloatArray]:
+    env = {name: columns[k] for name, k in equation.parents}
+    env[NOISE] = noise
+    return env
+
+
+def _broadcast(array: npt.NDArray[Any], shape: tuple[int, ...]) -> npt.NDArray[Any]:
+    """``np.broadcast_to``, skipped (it costs microseconds) when the shape already fits."""
+    return array if array.shape == shape else np.broadcast_to(array, shape)
 
 
 def _parse_variable(raw: Any, position: int, seen: set[str]) -> Variable:

@@ -8,9 +8,11 @@ from hypothesis import strategies as st
 from models.expressions import (
     ExpressionError,
     check_invertible,
+    compile_expression,
     evaluate,
     evaluate_interval,
     parse_expression,
+    sigmoid,
     solve_for,
     to_text,
 )
@@ -91,3 +93,32 @@ def test_interval_bounds_contain_every_value(text, xbox, ybox, seed) -> None:
     points = {n: rng.uniform(b[0], b[1], 500) for n, b in box.items()}
     values = evaluate(expr, points)
     assert np.all(values >= lo - 1e-9) and np.all(values <= hi + 1e-9)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [*EXPRESSIONS, "-(2 ** 3) + x * -y", "max(x, 1, y, -2) / min(2, 3)", "sigmoid(1) * x", "4"],
+)
+def test_compiled_expression_gives_evaluates_bits(text: str) -> None:
+    expr = parse_expression(text)
+    rng = np.random.default_rng(0)
+    env = {"x": rng.normal(0, 3, 100), "y": np.append(rng.normal(0, 3, 99), -0.0)}
+    compiled, reference = compile_expression(expr)(env), evaluate(expr, env)
+    assert np.asarray(compiled).tobytes() == np.asarray(reference).tobytes()
+
+
+def test_compiled_expression_fails_when_evaluated_like_the_tree_walk() -> None:
+    compiled = compile_expression(parse_expression("x + 1 / 0"))  # folding must not raise
+    with pytest.raises(ZeroDivisionError):
+        compiled({"x": np.ones(2)})
+    with pytest.raises(ExpressionError, match="No value for 'y'"):
+        compile_expression(parse_expression("x + y"))({"x": np.ones(2)})
+
+
+def test_sigmoid_gives_the_two_branch_formulas_bits() -> None:
+    special = [0.0, -0.0, 800, -800, np.inf, -np.inf, np.nan]
+    x = np.concatenate([np.random.default_rng(0).normal(0, 10, 200), special])
+    e = np.exp(-np.abs(x))
+    expected = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    assert sigmoid(x).tobytes() == expected.tobytes()
+    assert isinstance(sigmoid(0.3), np.ndarray)  # as np.where returns, for scalars too
