@@ -2,16 +2,17 @@
 
 For a batch of people (:meth:`AmortizedSolver.predict`, all numpy, no loop over people):
 
-1. the network (:mod:`models.amortizer`) proposes a mask and values that obey every hard
-   constraint by construction;
-2. a line search scales the proposed changes, ``x + t (proposal - x)`` clipped into each
-   person's interval, to the smallest ``t`` on a grid whose counterfactual the classifier
-   accepts: the distilled values sit on the decision boundary, where half of any
-   regression's answers would fall short. Small batches evaluate a dense grid of ``t`` at
-   once with the exact classifier; large ones a coarse grid and then bisection, in float32,
-   since the time per person is then the classifier's arithmetic;
+1. the network (:mod:`models.amortizer`) proposes, for each of the person's best action
+   patterns, a mask and values that obey every hard constraint by construction;
+2. a line search scales each proposed change, ``x + t (proposal - x)`` clipped into the
+   person's interval, to the smallest ``|t|`` (either direction) whose counterfactual the
+   classifier accepts: the distilled values sit on the decision boundary, where half of
+   any regression's answers would fall short. Small batches evaluate a dense grid of ``t``
+   at once with the exact classifier; large ones a coarse grid in float32, since the time
+   per person is then the classifier's arithmetic; both then bisect;
 3. each answer is re-simulated through the exact causal model and classifier (float64)
-   and every hard constraint is re-checked (:func:`solver.verify.verify_actions`).
+   and every hard constraint is re-checked (:func:`solver.verify.verify_actions`); the
+   cheapest verified pattern is kept.
 
 :meth:`AmortizedSolver.solve` then repairs every person whose answer failed: first with
 the exact MILP restricted to the predicted features (the other features locked), then
