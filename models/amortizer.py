@@ -27,6 +27,7 @@ are rounded inside it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -34,7 +35,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -122,11 +123,11 @@ class AmortizerSpec:
     training: Mapping[str, Any] = field(default_factory=dict)
     """Label file, its hashes, hyperparameters and validation figures."""
 
-    @property
+    @functools.cached_property
     def actionable_columns(self) -> IntArray:
         return np.array([self.feature_names.index(n) for n in self.actionable], dtype=np.int64)
 
-    @property
+    @functools.cached_property
     def catalogue(self) -> IntArray:
         return pattern_catalogue(self.holdable)
 
@@ -225,35 +226,56 @@ class Amortizer:
     def __post_init__(self) -> None:
         object.__setattr__(self, "fast", self.network.astype(np.float32))
 
-    def inputs(self, x: FloatArray, arrays: ConstraintArrays) -> FloatArray:
-        return encode_inputs(self.spec, x, arrays)
+    def scores(self, x: FloatArray, arrays: ConstraintArrays) -> PatternScores:
+        """The network's pass over ``x``: logits of allowed patterns and proposed changes."""
+        spec = self.spec
+        columns = spec.actionable_columns
+        current = x[:, columns]
+        outputs = self.fast.forward(encode_inputs(spec, x, arrays).astype(np.float32))
+        catalogue = spec.catalogue
+        allowed = allowed_patterns(arrays, current, catalogue)
+        logits = np.where(allowed, outputs[:, : len(catalogue)], -np.inf)
+        changed = current + outputs[:, len(catalogue) :] * spec.scale[columns]
+        return PatternScores(logits, changed)
 
     def propose(
-        self, x: FloatArray, arrays: ConstraintArrays, ranks: IntArray | int = 0
+        self,
+        x: FloatArray,
+        arrays: ConstraintArrays,
+        ranks: IntArray | int = 0,
+        scores: PatternScores | None = None,
     ) -> tuple[BoolArray, FloatArray]:
         """Masks and values that obey every hard constraint by construction.
 
         ``ranks``: per person (or for all), take the best allowed action pattern (0), the
         next best (1), ...; a person with no such pattern gets an empty mask (nothing left
-        they may do). Returns (n, K) masks and values.
+        they may do). ``scores``: the network's pass over these rows, if already made.
+        Returns (n, K) masks and values.
         """
         spec = self.spec
-        columns = spec.actionable_columns
-        current = x[:, columns]
-        outputs = self.fast.forward(self.inputs(x, arrays).astype(np.float32))
-        catalogue = spec.catalogue
-        allowed = allowed_patterns(arrays, current, catalogue)
-        logits = np.where(allowed, outputs[:, : len(catalogue)], -np.inf)
+        logits, changed = scores if scores is not None else self.scores(x, arrays)
         rows = np.arange(len(x))
         if np.all(ranks == 0):
             choice = np.argmax(logits, axis=1)
         else:
             choice = np.argsort(-logits, axis=1, kind="stable")[rows, ranks]
-        pattern = catalogue[choice]
-        pattern[~allowed[rows, choice]] = NOT_ACTED
-        changed = current + outputs[:, len(catalogue) :] * spec.scale[columns]
+        pattern = spec.catalogue[choice]
+        pattern[~np.isfinite(logits[rows, choice])] = NOT_ACTED  # no allowed pattern left
+        current = x[:, spec.actionable_columns]
         values = np.where(pattern == CHANGE, changed, current)
         return pattern != NOT_ACTED, project_values(spec, values, arrays.lower, arrays.upper)
+
+
+class PatternScores(NamedTuple):
+    """The network's pass over people, from which any rank of pattern is proposed."""
+
+    logits: FloatArray
+    """(n, patterns): -inf where a pattern is not allowed."""
+    changed: FloatArray
+    """(n, K): the proposed values of the features a pattern changes."""
+
+    def take(self, rows: IntArray) -> PatternScores:
+        return PatternScores(self.logits[rows], self.changed[rows])
 
 
 def project_values(

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.scm import StructuralCausalModel, VariableType
+from models.scm import StructuralCausalModel, Variable, VariableType
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -111,6 +111,17 @@ class PersonConstraints:
 
     def weight(self, name: str) -> float:
         return float(self.weights.get(name, 1.0))
+
+    def interval(self, var: Variable, current: float) -> tuple[float, float]:
+        """The values this person may set ``var`` to: its bounds (else the domain), cut by
+        the direction at ``current``; empty when the first end exceeds the second."""
+        lower, upper = self.bounds.get(var.name, (var.lower, var.upper))
+        direction = self.directions.get(var.name)
+        if direction == "increase":
+            lower = max(lower, current)
+        elif direction == "decrease":
+            upper = min(upper, current)
+        return lower, upper
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -349,14 +360,8 @@ class ConstraintArrays:
             if person.max_changes is not None:
                 max_changes[i] = min(person.max_changes, len(actionable))
             for k, name in enumerate(actionable):
-                j = scm.index[name]
-                var = scm.variables[j]
-                lo, hi = person.bounds.get(name, (var.lower, var.upper))
-                direction = person.directions.get(name)
-                if direction == "increase":
-                    lo = max(lo, x[i, j])
-                elif direction == "decrease":
-                    hi = min(hi, x[i, j])
+                var = scm.variables[scm.index[name]]
+                lo, hi = person.interval(var, x[i, scm.index[name]])
                 if var.type is not VariableType.CONTINUOUS:
                     lo, hi = math.ceil(lo - 1e-9), math.floor(hi + 1e-9)
                 lower[i, k], upper[i, k] = lo, hi

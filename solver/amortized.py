@@ -43,6 +43,7 @@ from models.amortizer import (
     AmortizerFileError,
     AmortizerSpec,
     Hyperparameters,
+    PatternScores,
     TrainingTargets,
     allowed_patterns,
     encode_inputs,
@@ -80,6 +81,16 @@ COARSE_STAGES = (
     _by_size([0.85, 0.95, 1.0, 1.05, 1.15, 1.3, 1.6, 2.2, -0.25, -0.5, -1, -2]),
     _by_size([3.2, 5, 8, 15, 30, -4, -8, -16, -32]),
 )
+
+
+def _next_smaller(scales: FloatArray) -> FloatArray:
+    """Per scale, the largest smaller one of the same sign (0 if none): a bisection's start."""
+    smaller = [[u for u in scales if u * t > 0 and abs(u) < abs(t)] for t in scales]
+    return np.array([max(u, key=abs) if u else 0.0 for u in smaller])
+
+
+_SMALLER = {True: _next_smaller(DENSE_SCALES), False: _next_smaller(np.concatenate(COARSE_STAGES))}
+"""Bisection starts of the dense (True) and coarse (False) schedules, computed once."""
 BISECTION_STEPS = {True: 3, False: 6}
 """Halvings of the bracket after the dense (True) or coarse (False) grid: <= 1.5 % of the
 scale, and <= 0.3 % near 1."""
@@ -160,11 +171,7 @@ class AmortizedSolver:
         self.margin = EngineOptions().margin
         self.columns = spec.actionable_columns
         self._fast_classifier = _folded_float32(classifier)
-        # ancestor[k, a]: actionable feature a is an ancestor of actionable feature k.
-        actionable = spec.actionable
-        self._ancestor = np.array(
-            [[k in scm.descendants([a]) - {a} for a in actionable] for k in actionable]
-        )
+        self._ancestor = _actionable_ancestors(scm)
 
     # -- the hot path ------------------------------------------------------------------
 
@@ -180,9 +187,12 @@ class AmortizedSolver:
         x = np.atleast_2d(np.asarray(x, dtype=float))
         n = len(x)
         noise = self.scm.abduct_noise(x)
+        scores = self.amortizer.scores(x, constraints)  # one network pass for every rank
         stacked = np.tile(np.arange(n), CANDIDATE_PATTERNS)
         ranks = np.repeat(np.arange(CANDIDATE_PATTERNS), n)
-        tried = self._attempt(x[stacked], noise[stacked], constraints.take(stacked), ranks)
+        tried = self._attempt(
+            x[stacked], noise[stacked], constraints.take(stacked), ranks, scores.take(stacked)
+        )
         cost = np.where(tried.verified, tried.cost, np.inf).reshape(CANDIDATE_PATTERNS, n)
         best = np.where(np.isfinite(cost).any(axis=0), np.argmin(cost, axis=0), 0)
         answer = tried.take(best * n + np.arange(n))
@@ -190,7 +200,9 @@ class AmortizedSolver:
             failed = np.flatnonzero(~answer.verified)
             if not failed.size:
                 break
-            retry = self._attempt(x[failed], noise[failed], constraints.take(failed), rank)
+            retry = self._attempt(
+                x[failed], noise[failed], constraints.take(failed), rank, scores.take(failed)
+            )
             answer = answer.updated(failed[retry.verified], retry.take(retry.verified))
         return dataclasses.replace(answer, seconds=time.perf_counter() - start)
 
@@ -200,9 +212,10 @@ class AmortizedSolver:
         noise: FloatArray,
         constraints: ConstraintArrays,
         ranks: npt.NDArray[np.int64] | int,
+        scores: PatternScores,
     ) -> AmortizedBatch:
         """The ``ranks``-th best action pattern of each row, line-searched and verified."""
-        mask, target = self.amortizer.propose(x, constraints, ranks)
+        mask, target = self.amortizer.propose(x, constraints, ranks, scores)
         mask &= ~self._no_ops(x, mask, target)
         values = self._line_search(x, noise, mask, target, constraints)
         intervene = np.zeros(x.shape, dtype=bool)
@@ -271,9 +284,7 @@ class AmortizedSolver:
             offset += len(stage)
         found = first >= 0
         high = np.where(found, scales[np.maximum(first, 0)], scales[0])
-        smaller = [[u for u in scales if u * t > 0 and abs(u) < abs(t)] for t in scales]
-        previous = np.array([max(u, key=abs) if u else 0.0 for u in smaller])
-        low = previous[np.maximum(first, 0)]
+        low = _SMALLER[dense][np.maximum(first, 0)]
         people = np.flatnonzero(found)
         for _ in range(BISECTION_STEPS[dense]):
             middle = 0.5 * (low[people] + high[people])
@@ -313,20 +324,33 @@ class AmortizedSolver:
         arrays = ConstraintArrays.from_constraints(self.scm, x, constraints)
         batch = self.predict(x, arrays)
         each = batch.seconds / max(len(x), 1)
+        factual = self.classifier.probability(x)
         results = []
         for i, person in enumerate(constraints):
             if batch.verified[i]:
-                results.append(self._amortized_result(x[i], person, batch, i, each))
+                results.append(self._amortized_result(x[i], person, batch, i, each, factual[i]))
+            elif factual[i] >= self.classifier.threshold:
+                results.append(self._exact().solve(x[i], person))  # nothing to repair
             else:
                 results.append(self._repaired(x[i], person, batch.intervene[i], each))
         return results
 
+    def _exact(self) -> RecourseSolver:
+        if self.exact is None:
+            raise ValueError("Repairs need the exact solver: pass exact=RecourseSolver(...).")
+        return self.exact
+
     def _amortized_result(
-        self, x: FloatArray, person: PersonConstraints, batch: AmortizedBatch, i: int, each: float
+        self,
+        x: FloatArray,
+        person: PersonConstraints,
+        batch: AmortizedBatch,
+        i: int,
+        each: float,
+        factual_probability: float,
     ) -> RecourseResult:
         scm = self.scm
         acted = np.flatnonzero(batch.intervene[i])
-        factual_probability = float(self.classifier.probability(x[None, :])[0])
         return RecourseResult(
             status=SolveStatus.FEASIBLE,
             factual=_row(scm, x),
@@ -334,7 +358,7 @@ class AmortizedSolver:
             counterfactual=_row(scm, batch.counterfactual[i]),
             cost=float(batch.cost[i]),
             probability=float(batch.probability[i]),
-            factual_probability=factual_probability,
+            factual_probability=float(factual_probability),
             verified=True,
             verification_failures=(),
             solver=SolverInfo("amortizer", package_version(), each, 0.0, None, 0),
@@ -346,17 +370,13 @@ class AmortizedSolver:
     def _repaired(
         self, x: FloatArray, person: PersonConstraints, intervene: BoolArray, each: float
     ) -> RecourseResult:
-        if self.exact is None:
-            raise ValueError("Repairs need the exact solver: pass exact=RecourseSolver(...).")
-        factual_probability = float(self.classifier.probability(x[None, :])[0])
-        if factual_probability >= self.classifier.threshold:
-            return self.exact.solve(x, person)
+        exact = self._exact()
         predicted = {self.scm.names[k] for k in np.flatnonzero(intervene)}
         if predicted:
             # The exact problem on the predicted features only: a cheap, small MILP.
             others = set(self.scm.actionable) - predicted
             restricted = dataclasses.replace(person, locks=person.locks | others)
-            result = self.exact.solve(x, restricted)
+            result = exact.solve(x, restricted)
             if result.verified and result.status is SolveStatus.OPTIMAL:
                 return dataclasses.replace(
                     result,
@@ -366,7 +386,7 @@ class AmortizedSolver:
                     answered_by="mask-repair",
                     solver=_plus_seconds(result.solver, each),
                 )
-        result = self.exact.solve(x, person)
+        result = exact.solve(x, person)
         return dataclasses.replace(
             result, answered_by="milp-repair", solver=_plus_seconds(result.solver, each)
         )
@@ -428,10 +448,13 @@ def _folded_float32(classifier: Classifier) -> _Float32Network:
     return _Float32Network(tuple((w.astype(np.float32), b.astype(np.float32)) for w, b in layers))
 
 
-def _holdable(scm: StructuralCausalModel) -> BoolArray:
-    """Actionable features with an actionable ancestor: holding them is an action."""
+def _actionable_ancestors(scm: StructuralCausalModel) -> BoolArray:
+    """(K, K): entry [k, a] is true when actionable feature a is an ancestor of k; a
+    feature with any such ancestor can be held (kept at its value while they move)."""
     actionable = scm.actionable
-    return np.array([any(k in scm.descendants([a]) - {a} for a in actionable) for k in actionable])
+    return np.array(
+        [[k in scm.descendants([a]) - {a} for a in actionable] for k in actionable], dtype=bool
+    )
 
 
 def _row(scm: StructuralCausalModel, x: FloatArray) -> dict[str, float]:
@@ -566,7 +589,7 @@ def train_amortizer(
         mean=np.asarray(classifier.mean, dtype=float),
         scale=np.asarray(classifier.scale, dtype=float),
         integer=integer,
-        holdable=_holdable(scm),
+        holdable=_actionable_ancestors(scm).any(axis=1),
         constraint_inputs=constraint_inputs,
     )
     rng = np.random.default_rng(seed)

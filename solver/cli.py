@@ -695,14 +695,14 @@ def solve(
     settings = SolverSettings() if time_limit is None else SolverSettings(time_limit=time_limit)
     options = EngineOptions() if margin is None else EngineOptions(margin=margin)
     if table and instance_json is not None and out_path is not None:
-        scm, model_classifier_, people, constraints = load_table(instance, instance_json)
+        scm, table_classifier, people, constraints = load_table(instance, instance_json)
         problem = Problem(
             instance,
             scm,
-            model_classifier_,
+            table_classifier,
             people[0],
             constraints[0],
-            CostProfile.for_model(instance.cost, scm, model_classifier_, instance.sparsity),
+            CostProfile.for_model(instance.cost, scm, table_classifier, instance.sparsity),
         )
         engine = make_engine(problem, backend, settings, options)
         with _stdout_to_stderr():

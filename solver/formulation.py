@@ -772,13 +772,8 @@ class RecourseFormulation:
             if k in constraints.locks:
                 continue
             var = scm.variables[scm.index[k]]
-            lo, hi = constraints.bounds.get(k, (var.lower, var.upper))
             xk = x[scm.index[k]]
-            direction = constraints.directions.get(k)
-            if direction == "increase":
-                lo = max(lo, xk)
-            elif direction == "decrease":
-                hi = min(hi, xk)
+            lo, hi = constraints.interval(var, xk)
             if cost_budget is not None:
                 reach = self.cost.max_change(k, constraints.weight(k), cost_budget)
                 reach = reach * (1 + 1e-7) + 1e-9
