@@ -308,6 +308,20 @@ class StructuralCausalModel:
             raise ModelFileError(f"The model file is not valid JSON: {exc}.") from None
         return cls.from_dict(document, variant)
 
+    def independent(self) -> StructuralCausalModel:
+        """This model without causal effects: every equation replaced by its own noise.
+
+        The world a non-causal counterfactual assumes, where editing a feature moves
+        nothing else. The variables, roles, domains and one-hot groups are kept; the noise
+        distributions no longer describe the values (do not sample from it).
+        """
+        document = copy.deepcopy(dict(self._document))
+        for var in document["variables"]:
+            var["equation"] = NOISE
+        document.pop("label", None)
+        document["name"] = f"{self.name}-independent"
+        return StructuralCausalModel.from_dict(document, None)
+
     # -- facts --------------------------------------------------------------------------
 
     @property

@@ -40,9 +40,12 @@ from models.scm import ModelFileError, StructuralCausalModel, Variable, Variable
 from solver.amortized import AmortizedSolver, read_labels, train_amortizer
 from solver.backends import DEFAULT_BACKEND, backend_class, backend_names
 from solver.backends.base import BackendUnavailableError
+from solver.bench.report import write_report
+from solver.bench.run import DEFAULT_SCHEMES, BenchConfig, BenchInputError, run_bench, split_list
 from solver.engine import EngineOptions, RecourseSolver
 from solver.labels import (
     DEFAULT_CHUNK_SIZE,
+    LABEL_METHODS,
     LabelInputError,
     LabelJob,
     LabelRunError,
@@ -972,7 +975,7 @@ def exit_code(result: RecourseResult) -> int:
     """The process exit code for ``result`` (see the module constants)."""
     if result.status is SolveStatus.INFEASIBLE:
         return EXIT_NO_RECOURSE
-    if result.status in (SolveStatus.ERROR, SolveStatus.UNKNOWN):
+    if result.status in (SolveStatus.ERROR, SolveStatus.UNKNOWN, SolveStatus.NOT_FOUND):
         return EXIT_SOLVER_FAILURE
     if result.counterfactual is not None and not result.verified:
         return EXIT_UNVERIFIED
@@ -1347,6 +1350,14 @@ def check_label_out(ctx: click.Context, param: click.Parameter, value: Path) -> 
     help="Seeds the population and every person's constraints.",
 )
 @click.option(
+    "--method",
+    type=click.Choice(LABEL_METHODS),
+    default="milp",
+    show_default=True,
+    help="milp: the exact engine; non-causal or grid-oracle: the benchmark's reference "
+    "methods (solver/baselines.py), verified the same way.",
+)
+@click.option(
     "--backend",
     type=click.Choice(backend_names()),
     default=DEFAULT_BACKEND,
@@ -1399,6 +1410,7 @@ def label(
     scheme: str,
     cost: str,
     seed: int,
+    method: str,
     backend: str,
     time_limit: float,
     jobs: int,
@@ -1427,6 +1439,7 @@ def label(
         "scheme": scheme,
         "cost": cost,
         "seed": seed,
+        "method": method,
         "backend": backend,
         "time_limit": time_limit,
         "jobs": jobs,
@@ -1435,7 +1448,7 @@ def label(
         "out": str(out),
     }
     try:
-        job = LabelJob(dataset, classifier, scheme, cost, seed, backend, time_limit)
+        job = LabelJob(dataset, classifier, scheme, cost, seed, backend, time_limit, method)
         scm = load_scm(dataset)
         model = load_classifier(dataset, classifier)
         model.check_features(scm.names)
@@ -1524,6 +1537,154 @@ def train(labels_path: Path, out: Path, universal: bool, seed: int) -> None:
         f"{'-' if ratio is None else format(ratio, '.4f')}, exact mask agreement "
         f"{chosen['validation_mask_agreement']:.2%}; wrote {out}"
     )
+
+
+# -- bench -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULT_DATASET, show_default=True)
+@click.option(
+    "--classifier",
+    type=click.Choice(CLASSIFIER_KINDS),
+    default=DEFAULT_CLASSIFIER,
+    show_default=True,
+)
+@click.option(
+    "--n",
+    "n",
+    type=click.IntRange(min=1),
+    default=BenchConfig.n,
+    show_default=True,
+    help="Rejected people every method answers, per scheme and cost profile.",
+)
+@click.option(
+    "--schemes",
+    default=",".join(DEFAULT_SCHEMES),
+    show_default=True,
+    help=f"Elicitation schemes, comma-separated, from {', '.join(SCHEMES)}.",
+)
+@click.option(
+    "--costs",
+    default="l1",
+    show_default=True,
+    help=f"Cost profiles, comma-separated, from {', '.join(COST_KINDS)}.",
+)
+@click.option(
+    "--n-train",
+    type=click.IntRange(min=1),
+    default=BenchConfig.n_train,
+    show_default=True,
+    help="People whose exact mixed labels train the amortizer (another sample).",
+)
+@click.option(
+    "--n-baseline",
+    type=click.IntRange(min=0),
+    default=BenchConfig.n_baseline,
+    show_default=True,
+    help="People the slow reference methods (grid oracle, non-causal) answer: the first of the N.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(backend_names()),
+    default=DEFAULT_BACKEND,
+    show_default=True,
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=SolverSettings().time_limit,
+    show_default=True,
+    help="Seconds per person and exact solve.",
+)
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=1),
+    default=BenchConfig.bootstrap,
+    show_default=True,
+    help="Bootstrap resamples behind every confidence interval.",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes for the exact solves.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The report folder: report.md, figures/, people.parquet, summary/gaps/timings.csv.",
+)
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the label tables and the amortizer go (default: OUT/work). Keep it to resume.",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
+@click.pass_context
+def bench(
+    ctx: click.Context,
+    dataset: str,
+    classifier: str,
+    n: int,
+    schemes: str,
+    costs: str,
+    n_train: int,
+    n_baseline: int,
+    seed: int,
+    backend: str,
+    time_limit: float,
+    bootstrap: int,
+    jobs: int,
+    out: Path,
+    work: Path | None,
+    progress: bool,
+) -> None:
+    """Benchmark exact recourse against the amortizer and reference methods.
+
+    Every method answers the same rejected people under each elicitation scheme and cost
+    profile; every answer is re-checked through the causal model. Writes a Markdown report
+    with tables, figures and findings (OUT/report.md) and the per-person measures.
+    Resumable: every solve goes through the label pipeline under --work; run the same
+    command again after an interruption. Exit 0 when the report is written, 2 on bad
+    input, 4 when a worker dies or the backend is missing, 7 when --work holds tables of
+    other arguments, 130 when interrupted.
+    """
+    work = work if work is not None else out / "work"
+    try:
+        config = BenchConfig(
+            dataset=dataset,
+            classifier=classifier,
+            schemes=split_list(schemes, SCHEMES, "schemes"),
+            costs=split_list(costs, COST_KINDS, "costs"),
+            n=n,
+            n_train=n_train,
+            n_baseline=n_baseline,
+            seed=seed,
+            backend=backend,
+            time_limit=time_limit,
+            bootstrap=bootstrap,
+        )
+        with _stdout_to_stderr():
+            outcome = run_bench(config, work, jobs=jobs, progress=progress)
+        report = write_report(outcome, out, "recourse bench " + " ".join(sys.argv[2:]))
+    except (BenchInputError, LabelInputError, ElicitationError, AmortizerFileError) as exc:
+        raise InputError(str(exc)) from None
+    except OutputConflictError as exc:
+        raise OutputConflict(str(exc)) from None
+    except (LabelRunError, BackendUnavailableError) as exc:
+        raise SolverFailure(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo(
+            f"Interrupted. Finished label tables and chunks are kept in '{work}'; run the "
+            f"same command again to resume.",
+            err=True,
+        )
+        ctx.exit(130)
+    click.echo(f"wrote {report} ({outcome.run['seconds']} s)")
 
 
 if __name__ == "__main__":

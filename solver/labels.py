@@ -1,7 +1,8 @@
 """Exact recourse labels for a whole population: elicited constraints, chunks, resume.
 
 A labelling job solves one person after another with :class:`~solver.engine.RecourseSolver`
-and writes one Parquet row per person:
+(or, for the benchmark, a reference method of :mod:`solver.baselines`) and writes one
+Parquet row per person:
 
 1. population: the first ``n`` people the classifier rejects in a seeded sample of the
    causal model (:func:`sample_population`), or the rows of a table
@@ -61,6 +62,7 @@ from models.preferences import PersonConstraints, WeightScheme, parse_constraint
 from models.scm import StructuralCausalModel, Variable, VariableType
 from solver.backends import backend_class, backend_names
 from solver.backends.base import BackendUnavailableError
+from solver.baselines import GridOracleSolver, NonCausalSolver
 from solver.engine import RecourseSolver
 from solver.milp import SolverSettings, SolveStatus
 from solver.result import RecourseResult
@@ -81,6 +83,11 @@ _LOCK_NAME = ".lock"
 _CHUNK_PREFIX, _CHUNK_SUFFIX = "chunk-", ".parquet"
 _DASK_CONNECT_SECONDS = 10
 _PARENT_POLL_SECONDS = 0.5
+
+
+LABEL_METHODS = ("milp", "non-causal", "grid-oracle")
+"""How a job answers each person: the exact engine (:class:`~solver.engine.RecourseSolver`),
+or :class:`~solver.baselines.NonCausalSolver` / :class:`~solver.baselines.GridOracleSolver`."""
 
 
 class LabelInputError(ValueError):
@@ -112,12 +119,15 @@ class LabelJob:
     seed: int
     backend: str
     time_limit: float
+    method: str = "milp"
+    """One of :data:`LABEL_METHODS`: the exact engine, or a reference method of the benchmark."""
 
     def __post_init__(self) -> None:
         for name, value, choices in (
             ("scheme", self.scheme, SCHEMES),
             ("cost", self.cost, COST_KINDS),
             ("backend", self.backend, backend_names()),
+            ("method", self.method, LABEL_METHODS),
         ):
             if value not in choices:
                 raise LabelInputError(
@@ -364,14 +374,18 @@ class _Worker:
         self.schema = output_schema(self.scm, self.elicitor.groups)
         self.solver = self._build_solver()
 
-    def _build_solver(self) -> RecourseSolver:
-        cost = CostProfile.for_model(self.job.cost, self.scm, self.classifier)
-        return RecourseSolver(
+    def _build_solver(self) -> RecourseSolver | NonCausalSolver | GridOracleSolver:
+        job = self.job
+        cost = CostProfile.for_model(job.cost, self.scm, self.classifier)
+        if job.method == "grid-oracle":
+            return GridOracleSolver(self.scm, self.classifier, cost)
+        solver = NonCausalSolver if job.method == "non-causal" else RecourseSolver
+        return solver(
             self.scm,
             self.classifier,
             cost,
-            backend=self.job.backend,
-            settings=SolverSettings(time_limit=self.job.time_limit),
+            backend=job.backend,
+            settings=SolverSettings(time_limit=job.time_limit),
         )
 
     def label(self, person_id: int, source_index: int, x: FloatArray) -> dict[str, Any]:
@@ -733,6 +747,7 @@ def run_job(
         "classifier": job.classifier,
         "classifier_kind": classifier.kind,
         "scheme": job.scheme,
+        "method": job.method,
         "seed": str(job.seed),
         "cost_profile": job.cost,
         "scm_hash": identity["scm_hash"],

@@ -30,6 +30,8 @@ class SolveStatus(enum.StrEnum):
     FEASIBLE = "feasible"
     """A verified action, not proven optimal: an amortized answer or its repair on the
     predicted features."""
+    NOT_FOUND = "not_found"
+    """A heuristic (the grid oracle) found no valid action; none is proven not to exist."""
     INFEASIBLE = "infeasible"
     """Proven infeasible: no recourse exists under this person's constraints."""
     TIME_LIMIT = "time_limit"

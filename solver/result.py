@@ -49,7 +49,8 @@ class RecourseResult:
     constraints: dict[str, Any] = field(default_factory=dict)
     answered_by: str = "milp"
     """``milp`` (the exact engine), or for amortized answers ``amortizer``, ``mask-repair``
-    (the exact MILP over the predicted features) or ``milp-repair`` (the full MILP)."""
+    (the exact MILP over the predicted features) or ``milp-repair`` (the full MILP); for
+    the benchmark's reference methods ``non-causal`` or ``grid-oracle``."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -119,9 +119,25 @@ def verify_actions(
     counterfactual = scm.propagate_counterfactual(x, intervene, values, noise)
     probability = classifier.probability(counterfactual)
     ok = probability >= classifier.threshold
+    ok &= hard_constraints_hold(scm, constraints, intervene, values)
+    if scm.one_hot:
+        ok &= scm.one_hot_valid(counterfactual)
+    total = cost.costs(scm.names, x, intervene, values, constraints)
+    return BatchVerification(counterfactual, probability, total, ok)
+
+
+def hard_constraints_hold(
+    scm: StructuralCausalModel,
+    constraints: ConstraintArrays,
+    intervene: BoolArray,
+    values: FloatArray,
+) -> BoolArray:
+    """Per row: the action sets only actionable, unlocked features, inside each person's
+    interval (bounds and direction), to whole numbers where required, and changes at most
+    the allowed number of features. The classifier is not consulted."""
     columns = [scm.index[name] for name in scm.actionable]
     not_actionable = [j for j, var in enumerate(scm.variables) if var.role is not Role.ACTIONABLE]
-    ok &= ~intervene[:, not_actionable].any(axis=1)
+    ok = ~intervene[:, not_actionable].any(axis=1)
     acted, set_to = intervene[:, columns], values[:, columns]
     tol = _TOLERANCE * (1 + np.abs(set_to))
     inside = (set_to >= constraints.lower - tol) & (set_to <= constraints.upper + tol)
@@ -131,7 +147,4 @@ def verify_actions(
     whole = ~integer | (set_to == np.round(set_to))
     ok &= ~(acted & (constraints.locked | ~inside | ~whole)).any(axis=1)
     ok &= acted.sum(axis=1) <= constraints.max_changes
-    if scm.one_hot:
-        ok &= scm.one_hot_valid(counterfactual)
-    total = cost.costs(scm.names, x, intervene, values, constraints)
-    return BatchVerification(counterfactual, probability, total, ok)
+    return ok
