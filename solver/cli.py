@@ -122,6 +122,42 @@ A table of people (solve TABLE --out FILE) exits with its worst person's code.
 """
 
 
+# Options several commands share (each use makes its own click.Option).
+DATASET_OPTION = click.option(
+    "--dataset", type=click.Choice(DATASETS), default=DEFAULT_DATASET, show_default=True
+)
+CLASSIFIER_OPTION = click.option(
+    "--classifier",
+    type=click.Choice(CLASSIFIER_KINDS),
+    default=DEFAULT_CLASSIFIER,
+    show_default=True,
+)
+BACKEND_OPTION = click.option(
+    "--backend",
+    type=click.Choice(backend_names()),
+    default=DEFAULT_BACKEND,
+    show_default=True,
+    help="MILP solver backend.",
+)
+TIME_LIMIT_OPTION = click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=SolverSettings().time_limit,
+    show_default=True,
+    help="Seconds per person and exact solve.",
+)
+JOBS_OPTION = click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes on this machine (1: solve in this process).",
+)
+PROGRESS_OPTION = click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Progress bars."
+)
+
+
 @click.group(
     help="Exact, verified, personalized causal algorithmic recourse.\n\n" + _EXIT_CODE_HELP
 )
@@ -559,13 +595,7 @@ def check_export_path(
     default=None,
     help="Extra cost per feature acted on (default: the file's, else 0).",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(backend_names()),
-    default=DEFAULT_BACKEND,
-    show_default=True,
-    help="MILP solver backend.",
-)
+@BACKEND_OPTION
 @click.option(
     "--time-limit",
     type=click.FloatRange(min=0, min_open=True),
@@ -1162,7 +1192,7 @@ def backend_status(name: str) -> dict[str, Any]:
 
 
 @main.command("train-classifier")
-@click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULT_DATASET, show_default=True)
+@DATASET_OPTION
 @click.option(
     "--kind",
     type=click.Choice([*CLASSIFIER_KINDS, "all"]),
@@ -1315,13 +1345,8 @@ def check_label_out(ctx: click.Context, param: click.Parameter, value: Path) -> 
 
 
 @main.command(epilog=_EXIT_CODE_HELP)
-@click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULT_DATASET, show_default=True)
-@click.option(
-    "--classifier",
-    type=click.Choice(CLASSIFIER_KINDS),
-    default=DEFAULT_CLASSIFIER,
-    show_default=True,
-)
+@DATASET_OPTION
+@CLASSIFIER_OPTION
 @click.option(
     "--n",
     "n",
@@ -1357,27 +1382,9 @@ def check_label_out(ctx: click.Context, param: click.Parameter, value: Path) -> 
     help="milp: the exact engine; non-causal or grid-oracle: the benchmark's reference "
     "methods (solver/baselines.py), verified the same way.",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(backend_names()),
-    default=DEFAULT_BACKEND,
-    show_default=True,
-    help="MILP solver backend.",
-)
-@click.option(
-    "--time-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    default=SolverSettings().time_limit,
-    show_default=True,
-    help="Seconds per person.",
-)
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Worker processes on this machine (1: solve in this process).",
-)
+@BACKEND_OPTION
+@TIME_LIMIT_OPTION
+@JOBS_OPTION
 @click.option(
     "--dask",
     "dask_address",
@@ -1399,7 +1406,7 @@ def check_label_out(ctx: click.Context, param: click.Parameter, value: Path) -> 
     callback=check_label_out,
     help="The Parquet table to write; chunks go to OUT.parts until it is complete.",
 )
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar.")
+@PROGRESS_OPTION
 @click.pass_context
 def label(
     ctx: click.Context,
@@ -1543,13 +1550,8 @@ def train(labels_path: Path, out: Path, universal: bool, seed: int) -> None:
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULT_DATASET, show_default=True)
-@click.option(
-    "--classifier",
-    type=click.Choice(CLASSIFIER_KINDS),
-    default=DEFAULT_CLASSIFIER,
-    show_default=True,
-)
+@DATASET_OPTION
+@CLASSIFIER_OPTION
 @click.option(
     "--n",
     "n",
@@ -1585,19 +1587,8 @@ def train(labels_path: Path, out: Path, universal: bool, seed: int) -> None:
     help="People the slow reference methods (grid oracle, non-causal) answer: the first of the N.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--backend",
-    type=click.Choice(backend_names()),
-    default=DEFAULT_BACKEND,
-    show_default=True,
-)
-@click.option(
-    "--time-limit",
-    type=click.FloatRange(min=0, min_open=True),
-    default=SolverSettings().time_limit,
-    show_default=True,
-    help="Seconds per person and exact solve.",
-)
+@BACKEND_OPTION
+@TIME_LIMIT_OPTION
 @click.option(
     "--bootstrap",
     type=click.IntRange(min=1),
@@ -1605,13 +1596,7 @@ def train(labels_path: Path, out: Path, universal: bool, seed: int) -> None:
     show_default=True,
     help="Bootstrap resamples behind every confidence interval.",
 )
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Worker processes for the exact solves.",
-)
+@JOBS_OPTION
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -1623,7 +1608,7 @@ def train(labels_path: Path, out: Path, universal: bool, seed: int) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the label tables and the amortizer go (default: OUT/work). Keep it to resume.",
 )
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")
+@PROGRESS_OPTION
 @click.pass_context
 def bench(
     ctx: click.Context,

@@ -471,7 +471,7 @@ def _figures(
         written.append((name, f"{label} by group and scheme"))
 
     name = f"validity_{cost}.png"
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig, ax = plt.subplots(figsize=(9, 4.4))
     methods = [m for m in METHODS if m in set(summary["method"])]
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
@@ -487,7 +487,7 @@ def _figures(
     ax.set_xticks(range(len(schemes)), schemes)
     ax.set_ylabel("valid answers (% of people)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=7, ncol=4, loc="lower left")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(folder / name, dpi=90)
     plt.close(fig)

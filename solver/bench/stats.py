@@ -151,19 +151,25 @@ def summarize(people: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
 def group_gaps(
     people: pd.DataFrame, keys: Sequence[str], attributes: Sequence[str], bootstrap: Bootstrap
 ) -> pd.DataFrame:
-    """Per ``keys`` combination, group attribute and :data:`GAP_METRICS` entry: the gap
-    (disadvantaged minus the others) with its bootstrap interval and the group sizes."""
+    """Per ``keys`` combination, group attribute and :data:`GAP_METRICS` entry: each
+    group's mean, the gap (disadvantaged minus the others) with its bootstrap interval, and
+    the group sizes."""
     rows = []
     for key, group in people.groupby(list(keys), sort=False):
         for attribute in attributes:
             disadvantaged = group[f"group.{attribute}"].to_numpy(dtype=bool)
             for metric, column in GAP_METRICS.items():
-                estimate = bootstrap.gap(group[column].to_numpy(dtype=float), disadvantaged)
+                values = group[column].to_numpy(dtype=float)
+                estimate = bootstrap.gap(values, disadvantaged)
+                with _quiet():
+                    means = np.nanmean(values[disadvantaged]), np.nanmean(values[~disadvantaged])
                 rows.append(
                     {
                         **dict(zip(keys, key, strict=True)),
                         "attribute": attribute,
                         "metric": metric,
+                        "disadvantaged": means[0],
+                        "others": means[1],
                         "gap": estimate.value,
                         "low": estimate.low,
                         "high": estimate.high,
