@@ -92,7 +92,10 @@ SECANT_AIM = 5e-4
 SECANT_TOLERANCE = 2e-3
 """A bracket is final once the next step would shrink the accepted scale by less than this."""
 CANDIDATE_PATTERNS = 4
-"""Action patterns tried for everyone, best first; the cheapest verified answer is kept."""
+"""Action patterns tried at once, best first; the cheapest verified answer is kept."""
+OTHER_PATTERN_CHANCE = 0.01
+"""The second to last candidate patterns are tried where the network's probability of
+them is at least this."""
 MAX_PATTERNS = 6
 """Patterns tried in all, next best first, for a person with no verified answer yet."""
 FLOAT32_MARGIN = 1e-3
@@ -173,10 +176,12 @@ class AmortizedSolver:
     def predict(self, x: FloatArray, constraints: ConstraintArrays) -> AmortizedBatch:
         """Verified raw answers for every row of ``x``: no MILP, no loop over people.
 
-        Every person's :data:`CANDIDATE_PATTERNS` best action patterns are line-searched
-        and verified together, and the cheapest verified answer kept; a person with none
-        gets the next patterns, one at a time, up to :data:`MAX_PATTERNS` in all. A person
-        still failing keeps the best pattern's answer.
+        Every person's best action pattern, and those of the next best up to
+        :data:`CANDIDATE_PATTERNS` with a probability of at least
+        :data:`OTHER_PATTERN_CHANCE`, are line-searched and verified together, and the
+        cheapest verified answer kept; a person with none gets the patterns not yet tried,
+        best first, one at a time, up to :data:`MAX_PATTERNS` in all. A person still failing
+        keeps the best pattern's answer.
         """
         start = time.perf_counter()
         x = np.atleast_2d(np.asarray(x, dtype=float))
@@ -185,9 +190,15 @@ class AmortizedSolver:
         scores = self.amortizer.scores(x, constraints)  # one network pass for every rank
         exact = n * CANDIDATE_PATTERNS * len(SMALL_SCALES) <= SMALL_ROWS
         factual_gap = self._gap(x, exact=exact)
-        stacked = np.tile(np.arange(n), CANDIDATE_PATTERNS)
-        ranks = np.repeat(np.arange(CANDIDATE_PATTERNS), n)
-        tried = self._attempt(
+        # The best pattern for everyone; the next ones only where the network gives them a
+        # chance: where it is sure, they are rarely cheaper and cost most of the time.
+        chances = _top_chances(scores.logits, MAX_PATTERNS)
+        first = np.arange(MAX_PATTERNS)[:, None] < CANDIDATE_PATTERNS
+        tried = first & (
+            (chances >= OTHER_PATTERN_CHANCE) | (np.arange(MAX_PATTERNS) == 0)[:, None]
+        )
+        ranks, stacked = np.nonzero(tried)
+        attempt = self._attempt(
             x[stacked],
             noise[stacked],
             constraints.take(stacked),
@@ -196,13 +207,16 @@ class AmortizedSolver:
             factual_gap[stacked],
             exact=exact,
         )
-        cost = np.where(tried.verified, tried.cost, np.inf).reshape(CANDIDATE_PATTERNS, n)
+        cost = np.full((CANDIDATE_PATTERNS, n), np.inf)
+        cost[ranks, stacked] = np.where(attempt.verified, attempt.cost, np.inf)
+        row = np.zeros((CANDIDATE_PATTERNS, n), dtype=np.int64)
+        row[ranks, stacked] = np.arange(len(ranks))
         best = np.where(np.isfinite(cost).any(axis=0), np.argmin(cost, axis=0), 0)
-        answer = tried.take(best * n + np.arange(n))
-        for rank in range(CANDIDATE_PATTERNS, MAX_PATTERNS):
-            failed = np.flatnonzero(~answer.verified)
+        answer = attempt.take(row[best, np.arange(n)])
+        for rank in range(1, MAX_PATTERNS):
+            failed = np.flatnonzero(~answer.verified & ~tried[rank] & (chances[rank] > 0))
             if not failed.size:
-                break
+                continue
             retry = self._attempt(
                 x[failed],
                 noise[failed],
@@ -213,7 +227,62 @@ class AmortizedSolver:
                 exact=exact,
             )
             answer = answer.updated(failed[retry.verified], retry.take(retry.verified))
+        answer = self._two_feature_vertices(x, noise, constraints, answer, exact=exact)
         return dataclasses.replace(answer, seconds=time.perf_counter() - start)
+
+    def _two_feature_vertices(
+        self,
+        x: FloatArray,
+        noise: FloatArray,
+        constraints: ConstraintArrays,
+        answer: AmortizedBatch,
+        *,
+        exact: bool,
+    ) -> AmortizedBatch:
+        """Answers changing two features, moved to the cheapest corner found nearby.
+
+        The joint scaling keeps the network's split between the two changes. With a cost
+        linear in each change and a boundary nearly linear over the region, the cheapest
+        split is a corner: one feature at its interval end or back at its current value,
+        the other scaled until accepted. The four corners are line-searched and verified;
+        the cheapest verified answer is kept.
+        """
+        columns = self.columns
+        current = x[:, columns]
+        acted = answer.intervene[:, columns]
+        change = np.where(acted, answer.values[:, columns] - current, 0.0)
+        changed = change != 0
+        people = np.flatnonzero(answer.verified & (changed.sum(axis=1) == 2))
+        if not people.size:
+            return answer
+        pair = np.nonzero(changed[people])[1].reshape(-1, 2)
+        rows = np.repeat(people, 4)
+        fixed = pair[:, [0, 1, 0, 1]].ravel()
+        moved = pair[:, [1, 0, 1, 0]].ravel()
+        at_end = np.tile([True, True, False, False], len(people))
+        line_rows = np.arange(len(rows))
+        lower, upper = constraints.lower[rows], constraints.upper[rows]
+        end = np.where(change[rows, fixed] > 0, upper[line_rows, fixed], lower[line_rows, fixed])
+        usable = ~at_end | np.isfinite(end)
+        start = current[rows]
+        start[line_rows, fixed] = np.where(at_end & usable, end, start[line_rows, fixed])
+        step = np.zeros_like(start)
+        step[line_rows, moved] = change[rows, moved]
+        mask = acted[rows]
+        # A feature back at its current value stays in the action only if held there
+        # while an acted ancestor moves.
+        mask[line_rows, fixed] = at_end | (self._ancestor[fixed] & mask).any(axis=1)
+        line = _Line(x[rows], noise[rows], self._intervene(mask), start, step, lower, upper)
+        zero_gap = self._gaps(line, line_rows, np.zeros(len(rows)), exact=exact)
+        t = self._line_search(line, zero_gap, exact=exact)
+        values = self._scaled(line, None, np.where(np.isnan(t), 0.0, t))
+        corners = self._verified(line.x, line.noise, constraints.take(rows), line.intervene, values)
+        cost = np.where(corners.verified & usable & ~np.isnan(t), corners.cost, np.inf)
+        cost = np.column_stack([answer.cost[people], cost.reshape(-1, 4)])
+        best = np.argmin(cost, axis=1)
+        better = best > 0
+        chosen = np.flatnonzero(better) * 4 + best[better] - 1
+        return answer.updated(people[better], corners.take(chosen))
 
     def _attempt(
         self,
@@ -536,6 +605,16 @@ def _folded_float32(classifier: Classifier) -> _Float32Network:
         bias - (classifier.mean / classifier.scale) @ first,
     )
     return _Float32Network(tuple((w.astype(np.float32), b.astype(np.float32)) for w, b in layers))
+
+
+def _top_chances(logits: FloatArray, count: int) -> FloatArray:
+    """(count, n): the network's probabilities of each person's ``count`` best patterns."""
+    finite = np.isfinite(logits)
+    top = np.max(np.where(finite, logits, -np.inf), axis=1, keepdims=True)
+    weights = np.where(finite, np.exp(logits - np.where(np.isfinite(top), top, 0.0)), 0.0)
+    total = weights.sum(axis=1, keepdims=True)
+    chances = -np.sort(-weights, axis=1)[:, :count] / np.where(total > 0, total, 1.0)
+    return chances.T
 
 
 def _actionable_ancestors(scm: StructuralCausalModel) -> BoolArray:
