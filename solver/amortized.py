@@ -74,8 +74,8 @@ def _by_size(scales: list[float]) -> FloatArray:
 
 
 SMALL_SCALES = _by_size(
-    [0.7, 0.85, 0.9, 0.95, 1, 1.05, 1.1, 1.15, 1.3, 1.5, 1.75, 2, 2.5, 3, 4, 6, 8, 12, 20, 30]
-    + [-0.25, -0.5, -0.75, -1, -1.5, -2, -3, -4, -6, -8, -12, -16, -24, -32]
+    [0.5, 0.7, 0.85, 1, 1.15, 1.3, 1.6, 2, 2.5, 3.2, 4, 6, 8, 12, 20, 30]
+    + [-0.25, -0.5, -1, -1.5, -2, -3, -4, -6, -8, -16, -32]
 )
 """Line search for small batches: every scale in one evaluation (rows are cheap there)."""
 LARGE_STAGES = (
