@@ -14,7 +14,9 @@ For a batch of people (:meth:`AmortizedSolver.predict`, all numpy, no loop over 
    one step on a linear piece of the logit along the line);
 3. each answer is re-simulated through the exact causal model and classifier (float64)
    and every hard constraint is re-checked (:func:`solver.verify.verify_actions`); the
-   cheapest verified pattern is kept.
+   cheapest verified pattern is kept;
+4. an answer changing two features also tries its corners (one feature at its interval
+   end or unchanged, the other line-searched), verified the same way.
 
 :meth:`AmortizedSolver.solve` then repairs every person whose answer failed: first with
 the exact MILP restricted to the predicted features (the other features locked), then
