@@ -7,12 +7,16 @@ For a batch of people (:meth:`AmortizedSolver.predict`, all numpy, no loop over 
 2. a line search scales each proposed change, ``x + t (proposal - x)`` clipped into the
    person's interval, to the smallest ``|t|`` (either direction) whose counterfactual the
    classifier accepts: the distilled values sit on the decision boundary, where half of
-   any regression's answers would fall short. Small batches evaluate a dense grid of ``t``
-   at once with the exact classifier; large ones a coarse grid in float32, since the time
-   per person is then the classifier's arithmetic; both then bisect;
+   any regression's answers would fall short. A grid of ``t`` brackets the first
+   accepted scale of each direction (small batches: one evaluation of many scales with
+   the exact classifier; large ones: a few scales in float32, more only where none is
+   accepted), then regula falsi on the classifier's logit narrows the bracket (exact in
+   one step on a linear piece of the logit along the line);
 3. each answer is re-simulated through the exact causal model and classifier (float64)
    and every hard constraint is re-checked (:func:`solver.verify.verify_actions`); the
-   cheapest verified pattern is kept.
+   cheapest verified pattern is kept;
+4. an answer changing two features also tries its corners (one feature at its interval
+   end or unchanged, the other line-searched), verified the same way.
 
 :meth:`AmortizedSolver.solve` then repairs every person whose answer failed: first with
 the exact MILP restricted to the predicted features (the other features locked), then
@@ -27,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -71,35 +75,31 @@ def _by_size(scales: list[float]) -> FloatArray:
     return np.array(sorted(scales, key=lambda t: (abs(t), t < 0)), dtype=float)
 
 
-_REVERSED = [-0.25, -0.5, -0.75, -1, -1.5, -2, -3, -4, -6, -8, -12, -16, -24, -32]
-DENSE_SCALES = _by_size(
-    [*np.linspace(0.85, 1.15, 31), 1.2, 1.3, 1.45, 1.7, 2, 2.5, 3, 4, 5, 6.5, 8, 11, 15, 20, 30]
-    + _REVERSED
+SMALL_SCALES = _by_size(
+    [0.5, 0.7, 0.85, 1, 1.15, 1.3, 1.6, 2, 2.5, 3.2, 4, 6, 8, 12, 20, 30]
+    + [-0.25, -0.5, -1, -1.5, -2, -3, -4, -6, -8, -16, -32]
 )
-"""Line search for small batches: one evaluation of every scale (1% steps near 1)."""
-COARSE_STAGES = (
-    _by_size([0.85, 0.95, 1.0, 1.05, 1.15, 1.3, 1.6, 2.2, -0.25, -0.5, -1, -2]),
-    _by_size([3.2, 5, 8, 15, 30, -4, -8, -16, -32]),
+"""Line search for small batches: every scale in one evaluation (rows are cheap there)."""
+LARGE_STAGES = (
+    _by_size([0.9, 1.15, 1.6, 2.2, -0.5, -1.2]),
+    _by_size([3.2, 5, 8, 15, 30, -2.4, -4, -8, -16, -32]),
 )
-
-
-def _next_smaller(scales: FloatArray) -> FloatArray:
-    """Per scale, the largest smaller one of the same sign (0 if none): a bisection's start."""
-    smaller = [[u for u in scales if u * t > 0 and abs(u) < abs(t)] for t in scales]
-    return np.array([max(u, key=abs) if u else 0.0 for u in smaller])
-
-
-_SMALLER = {True: _next_smaller(DENSE_SCALES), False: _next_smaller(np.concatenate(COARSE_STAGES))}
-"""Bisection starts of the dense (True) and coarse (False) schedules, computed once."""
-BISECTION_STEPS = {True: 3, False: 6}
-"""Halvings of the bracket after the dense (True) or coarse (False) grid: <= 1.5 % of the
-scale, and <= 0.3 % near 1."""
+"""Line search for large batches: later stages only for people with no accepted scale yet."""
+SMALL_ROWS = 4096
+"""Batches with at most this many rows of the small-batch schedule use it."""
+SECANT_ROUNDS = 4
+"""Most refinements of a bracket by the secant of its logits (regula falsi)."""
+SECANT_AIM = 5e-4
+"""Relative step past the secant's root, so that a linear piece lands on the accepted side."""
+SECANT_TOLERANCE = 2e-3
+"""A bracket is final once the next step would shrink the accepted scale by less than this."""
 CANDIDATE_PATTERNS = 4
-"""Action patterns tried for everyone, best first; the cheapest verified answer is kept."""
+"""Action patterns tried at once, best first; the cheapest verified answer is kept."""
+OTHER_PATTERN_CHANCE = 0.01
+"""The second to last candidate patterns are tried where the network's probability of
+them is at least this."""
 MAX_PATTERNS = 6
 """Patterns tried in all, next best first, for a person with no verified answer yet."""
-DENSE_ROWS = 4096
-"""Batches with at most this many rows of the dense grid use it."""
 FLOAT32_MARGIN = 1e-3
 """Logit margin of the float32 line search, above float32 rounding of the logit."""
 INVALID_RATIO = 2.0
@@ -178,33 +178,113 @@ class AmortizedSolver:
     def predict(self, x: FloatArray, constraints: ConstraintArrays) -> AmortizedBatch:
         """Verified raw answers for every row of ``x``: no MILP, no loop over people.
 
-        Every person's :data:`CANDIDATE_PATTERNS` best action patterns are line-searched
-        and verified together, and the cheapest verified answer kept; a person with none
-        gets the next patterns, one at a time, up to :data:`MAX_PATTERNS` in all. A person
-        still failing keeps the best pattern's answer.
+        Every person's best action pattern, and those of the next best up to
+        :data:`CANDIDATE_PATTERNS` with a probability of at least
+        :data:`OTHER_PATTERN_CHANCE`, are line-searched and verified together, and the
+        cheapest verified answer kept; a person with none gets the patterns not yet tried,
+        best first, one at a time, up to :data:`MAX_PATTERNS` in all. A person still failing
+        keeps the best pattern's answer.
         """
         start = time.perf_counter()
         x = np.atleast_2d(np.asarray(x, dtype=float))
         n = len(x)
         noise = self.scm.abduct_noise(x)
         scores = self.amortizer.scores(x, constraints)  # one network pass for every rank
-        stacked = np.tile(np.arange(n), CANDIDATE_PATTERNS)
-        ranks = np.repeat(np.arange(CANDIDATE_PATTERNS), n)
-        tried = self._attempt(
-            x[stacked], noise[stacked], constraints.take(stacked), ranks, scores.take(stacked)
+        exact = n * CANDIDATE_PATTERNS * len(SMALL_SCALES) <= SMALL_ROWS
+        factual_gap = self._gap(x, exact=exact)
+        # The best pattern for everyone; the next ones only where the network gives them a
+        # chance: where it is sure, they are rarely cheaper and cost most of the time.
+        chances = _top_chances(scores.logits, MAX_PATTERNS)
+        first = np.arange(MAX_PATTERNS)[:, None] < CANDIDATE_PATTERNS
+        tried = first & (
+            (chances >= OTHER_PATTERN_CHANCE) | (np.arange(MAX_PATTERNS) == 0)[:, None]
         )
-        cost = np.where(tried.verified, tried.cost, np.inf).reshape(CANDIDATE_PATTERNS, n)
+        ranks, stacked = np.nonzero(tried)
+        attempt = self._attempt(
+            x[stacked],
+            noise[stacked],
+            constraints.take(stacked),
+            ranks,
+            scores.take(stacked),
+            factual_gap[stacked],
+            exact=exact,
+        )
+        cost = np.full((CANDIDATE_PATTERNS, n), np.inf)
+        cost[ranks, stacked] = np.where(attempt.verified, attempt.cost, np.inf)
+        row = np.zeros((CANDIDATE_PATTERNS, n), dtype=np.int64)
+        row[ranks, stacked] = np.arange(len(ranks))
         best = np.where(np.isfinite(cost).any(axis=0), np.argmin(cost, axis=0), 0)
-        answer = tried.take(best * n + np.arange(n))
-        for rank in range(CANDIDATE_PATTERNS, MAX_PATTERNS):
-            failed = np.flatnonzero(~answer.verified)
+        answer = attempt.take(row[best, np.arange(n)])
+        for rank in range(1, MAX_PATTERNS):
+            failed = np.flatnonzero(~answer.verified & ~tried[rank] & (chances[rank] > 0))
             if not failed.size:
-                break
+                continue
             retry = self._attempt(
-                x[failed], noise[failed], constraints.take(failed), rank, scores.take(failed)
+                x[failed],
+                noise[failed],
+                constraints.take(failed),
+                rank,
+                scores.take(failed),
+                factual_gap[failed],
+                exact=exact,
             )
             answer = answer.updated(failed[retry.verified], retry.take(retry.verified))
+        answer = self._two_feature_vertices(x, noise, constraints, answer, exact=exact)
         return dataclasses.replace(answer, seconds=time.perf_counter() - start)
+
+    def _two_feature_vertices(
+        self,
+        x: FloatArray,
+        noise: FloatArray,
+        constraints: ConstraintArrays,
+        answer: AmortizedBatch,
+        *,
+        exact: bool,
+    ) -> AmortizedBatch:
+        """Answers changing two features, moved to the cheapest corner found nearby.
+
+        The joint scaling keeps the network's split between the two changes. With a cost
+        linear in each change and a boundary nearly linear over the region, the cheapest
+        split is a corner: one feature at its interval end or back at its current value,
+        the other scaled until accepted. The four corners are line-searched and verified;
+        the cheapest verified answer is kept.
+        """
+        columns = self.columns
+        current = x[:, columns]
+        acted = answer.intervene[:, columns]
+        change = np.where(acted, answer.values[:, columns] - current, 0.0)
+        changed = change != 0
+        people = np.flatnonzero(answer.verified & (changed.sum(axis=1) == 2))
+        if not people.size:
+            return answer
+        pair = np.nonzero(changed[people])[1].reshape(-1, 2)
+        rows = np.repeat(people, 4)
+        fixed = pair[:, [0, 1, 0, 1]].ravel()
+        moved = pair[:, [1, 0, 1, 0]].ravel()
+        at_end = np.tile([True, True, False, False], len(people))
+        line_rows = np.arange(len(rows))
+        lower, upper = constraints.lower[rows], constraints.upper[rows]
+        end = np.where(change[rows, fixed] > 0, upper[line_rows, fixed], lower[line_rows, fixed])
+        usable = ~at_end | np.isfinite(end)
+        start = current[rows]
+        start[line_rows, fixed] = np.where(at_end & usable, end, start[line_rows, fixed])
+        step = np.zeros_like(start)
+        step[line_rows, moved] = change[rows, moved]
+        mask = acted[rows]
+        # A feature back at its current value stays in the action only if held there
+        # while an acted ancestor moves.
+        mask[line_rows, fixed] = at_end | (self._ancestor[fixed] & mask).any(axis=1)
+        line = _Line(x[rows], noise[rows], self._intervene(mask), start, step, lower, upper)
+        zero_gap = self._gaps(line, line_rows, np.zeros(len(rows)), exact=exact)
+        t = self._line_search(line, zero_gap, exact=exact)
+        values = self._scaled(line, None, np.where(np.isnan(t), 0.0, t))
+        corners = self._verified(line.x, line.noise, constraints.take(rows), line.intervene, values)
+        cost = np.where(corners.verified & usable & ~np.isnan(t), corners.cost, np.inf)
+        cost = np.column_stack([answer.cost[people], cost.reshape(-1, 4)])
+        best = np.argmin(cost, axis=1)
+        better = best > 0
+        chosen = np.flatnonzero(better) * 4 + best[better] - 1
+        return answer.updated(people[better], corners.take(chosen))
 
     def _attempt(
         self,
@@ -213,15 +293,40 @@ class AmortizedSolver:
         constraints: ConstraintArrays,
         ranks: npt.NDArray[np.int64] | int,
         scores: PatternScores,
+        factual_gap: FloatArray,
+        *,
+        exact: bool,
     ) -> AmortizedBatch:
         """The ``ranks``-th best action pattern of each row, line-searched and verified."""
         mask, target = self.amortizer.propose(x, constraints, ranks, scores)
         mask &= ~self._no_ops(x, mask, target)
-        values = self._line_search(x, noise, mask, target, constraints)
-        intervene = np.zeros(x.shape, dtype=bool)
-        intervene[:, self.columns] = mask
+        current = x[:, self.columns]
+        line = _Line(
+            x,
+            noise,
+            self._intervene(mask),
+            current,
+            np.where(mask, target - current, 0.0),
+            constraints.lower,
+            constraints.upper,
+        )
+        t = self._line_search(line, factual_gap, exact=exact)
+        values = self._scaled(line, None, np.where(np.isnan(t), 1.0, t))
+        return self._verified(x, noise, constraints, line.intervene, values)
+
+    def _verified(
+        self,
+        x: FloatArray,
+        noise: FloatArray,
+        constraints: ConstraintArrays,
+        intervene: BoolArray,
+        values: FloatArray,
+    ) -> AmortizedBatch:
+        """The actions setting the actionable features to ``values``, verified."""
         full_values = x.copy()
-        full_values[:, self.columns] = np.where(mask, values, x[:, self.columns])
+        full_values[:, self.columns] = np.where(
+            intervene[:, self.columns], values, x[:, self.columns]
+        )
         check = verify_actions(
             self.scm, self.classifier, self.cost, x, noise, constraints, intervene, full_values
         )
@@ -231,9 +336,14 @@ class AmortizedSolver:
             check.counterfactual,
             check.probability,
             check.cost,
-            check.verified & mask.any(axis=1),
+            check.verified & intervene.any(axis=1),
             0.0,
         )
+
+    def _intervene(self, mask: BoolArray) -> BoolArray:
+        intervene = np.zeros((len(mask), len(self.scm.names)), dtype=bool)
+        intervene[:, self.columns] = mask
+        return intervene
 
     def _no_ops(self, x: FloatArray, mask: BoolArray, values: FloatArray) -> BoolArray:
         """Acted features set to their current value with no acted ancestor: nothing to do."""
@@ -241,78 +351,88 @@ class AmortizedSolver:
         held = (mask.astype(np.int64) @ self._ancestor.T.astype(np.int64)) > 0
         return mask & unchanged & ~held
 
-    def _line_search(
-        self,
-        x: FloatArray,
-        noise: FloatArray,
-        mask: BoolArray,
-        target: FloatArray,
-        constraints: ConstraintArrays,
-    ) -> FloatArray:
-        """Values at the first scale of the schedule whose counterfactual is accepted.
+    def _line_search(self, line: _Line, zero_gap: FloatArray, *, exact: bool) -> FloatArray:
+        """Per row, the smallest scale either way whose counterfactual is accepted (nan: none).
 
-        Schedules list scales by size, negative ones reversing the proposed direction,
-        so the first accepted one is the smallest change along that line either way.
-        Large batches go stage by stage (only people with no accepted scale yet go on).
-        Then bisection between the accepted scale and the next smaller one of its sign
-        (or 0) narrows it down.
+        A grid of scales (by size, negative ones reversing the proposed direction; large
+        batches stage by stage, later stages only for rows with no accepted scale yet)
+        brackets the smallest accepted scale of each direction between it and the next
+        smaller one (or 0, whose logit gap is ``zero_gap``). The direction whose secant
+        root is nearer 0 is kept, and its bracket refined by regula falsi on the logit: the
+        classifier is piecewise linear along the line for a ReLU network and a piecewise
+        linear causal model, so the secant is exact once both ends share a linear piece.
         """
-        n = x.shape[0]
-        line = _Line(
-            x,
-            noise,
-            mask,
-            x[:, self.columns],
-            np.where(mask, target - x[:, self.columns], 0.0),
-            constraints.lower,
-            constraints.upper,
-        )
-        dense = n * len(DENSE_SCALES) <= DENSE_ROWS
-        stages = (DENSE_SCALES,) if dense else COARSE_STAGES
+        n = len(line.start)
+        stages = (SMALL_SCALES,) if exact else LARGE_STAGES
         scales = np.concatenate(stages)
-        first = np.full(n, -1)
+        gaps = np.full((n, len(scales)), np.nan)
+        found = np.zeros(n, dtype=bool)
         offset = 0
         for stage in stages:
-            people = np.flatnonzero(first < 0)
+            people = np.flatnonzero(~found)
             if not people.size:
                 break
             rows = np.tile(people, len(stage))
-            accepted = self._accepted(line, rows, np.repeat(stage, len(people)), exact=dense)
-            accepted = accepted.reshape(len(stage), len(people))
-            hit = accepted.any(axis=0)
-            first[people[hit]] = offset + np.argmax(accepted[:, hit], axis=0)
+            stage_gaps = self._gaps(line, rows, np.repeat(stage, len(people)), exact=exact)
+            stage_gaps = stage_gaps.reshape(len(stage), len(people)).T
+            gaps[people, offset : offset + len(stage)] = stage_gaps
+            found[people] = (stage_gaps >= 0).any(axis=1)
             offset += len(stage)
-        found = first >= 0
-        high = np.where(found, scales[np.maximum(first, 0)], scales[0])
-        low = _SMALLER[dense][np.maximum(first, 0)]
-        people = np.flatnonzero(found)
-        for _ in range(BISECTION_STEPS[dense]):
-            middle = 0.5 * (low[people] + high[people])
-            ok = self._accepted(line, people, middle, exact=dense)
-            high[people] = np.where(ok, middle, high[people])
-            low[people] = np.where(ok, low[people], middle)
-        return self._scaled(line, np.arange(n), high)
-
-    def _scaled(self, line: _Line, people: npt.NDArray[np.int64], t: FloatArray) -> FloatArray:
-        values = line.start[people] + t[:, None] * line.step[people]
-        return project_values(self.amortizer.spec, values, line.lower[people], line.upper[people])
-
-    def _accepted(
-        self, line: _Line, people: npt.NDArray[np.int64], t: FloatArray, *, exact: bool
-    ) -> BoolArray:
-        """Does the classifier accept person ``people[i]`` after their change scaled by t[i]?"""
-        values = line.x[people]
-        values[:, self.columns] = self._scaled(line, people, t)
-        intervene = np.zeros(values.shape, dtype=bool)
-        intervene[:, self.columns] = line.mask[people]
-        counterfactual = self.scm.propagate_counterfactual(
-            line.x[people], intervene, values, line.noise[people]
+        ahead = _Bracket.of(scales, gaps, zero_gap, 1.0)
+        back = _Bracket.of(scales, gaps, zero_gap, -1.0)
+        reverse = back.found & (~ahead.found | (back.root() < ahead.root()))
+        lo, lo_gap, hi, hi_gap = (
+            np.where(reverse, b, a) for a, b in zip(ahead[:4], back[:4], strict=True)
         )
+        sign = np.where(reverse, -1.0, 1.0)
+        last_ok = np.zeros(n, dtype=np.int8)  # which end moved last: 1 hi, -1 lo, 0 none
+        people = np.flatnonzero(found)
+        for _ in range(SECANT_ROUNDS):
+            u = _Bracket(lo[people], lo_gap[people], hi[people], hi_gap[people], found[people])
+            u = u.root() * (1 + SECANT_AIM)
+            moves = u < hi[people] * (1 - SECANT_TOLERANCE)
+            people, u = people[moves], u[moves]
+            if not people.size:
+                break
+            gap = self._gaps(line, people, sign[people] * u, exact=exact)
+            ok = gap >= 0
+            # Illinois: an end that stays twice has its gap halved, against one-sided
+            # convergence where the logit bends.
+            lo_gap[people] *= np.where(ok & (last_ok[people] == 1), 0.5, 1.0)
+            hi_gap[people] *= np.where(~ok & (last_ok[people] == -1), 0.5, 1.0)
+            last_ok[people] = np.where(ok, 1, -1)
+            hi[people] = np.where(ok, u, hi[people])
+            hi_gap[people] = np.where(ok, gap, hi_gap[people])
+            lo[people] = np.where(ok, lo[people], u)
+            lo_gap[people] = np.where(ok, lo_gap[people], gap)
+        return np.where(found, sign * hi, np.nan)
+
+    def _scaled(self, line: _Line, rows: npt.NDArray[np.int64] | None, t: FloatArray) -> FloatArray:
+        """The values of line rows ``rows`` (None: all) at scales ``t``, projected."""
+        pick = slice(None) if rows is None else rows
+        values = line.start[pick] + t[:, None] * line.step[pick]
+        return project_values(self.amortizer.spec, values, line.lower[pick], line.upper[pick])
+
+    def _gaps(
+        self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray, *, exact: bool
+    ) -> FloatArray:
+        """Logit minus the acceptance threshold of line row ``rows[i]`` at scale ``t[i]``."""
+        values = line.x[rows]
+        values[:, self.columns] = self._scaled(line, rows, t)
+        # Only the shape of the factual rows matters once the noise is given.
+        counterfactual = self.scm.propagate_counterfactual(
+            values, line.intervene[rows], values, line.noise[rows]
+        )
+        return self._gap(counterfactual, exact=exact)
+
+    def _gap(self, rows: FloatArray, *, exact: bool) -> FloatArray:
+        """The classifier's logit minus the acceptance threshold (>= 0: accepted); the
+        float32 pass keeps a margin above its rounding."""
         threshold = self.classifier.logit_threshold + self.margin
         if exact:
-            return self.classifier.logit(counterfactual) >= threshold
-        logit = self._fast_classifier.forward(counterfactual.astype(np.float32))[:, 0]
-        return logit >= threshold + FLOAT32_MARGIN
+            return self.classifier.logit(rows) - threshold
+        logit = self._fast_classifier.forward(rows.astype(np.float32))[:, 0]
+        return logit.astype(float) - (threshold + FLOAT32_MARGIN)
 
     # -- answers with repair -----------------------------------------------------------
 
@@ -415,15 +535,56 @@ def check_compatible(
 
 @dataclass(frozen=True, eq=False)
 class _Line:
-    """The people of a line search: their rows, proposed changes and intervals."""
+    """The rows of a line search: values ``start + t step`` of the actionable features,
+    projected into ``[lower, upper]``, set by the intervention ``intervene``."""
 
     x: FloatArray
     noise: FloatArray
-    mask: BoolArray
+    intervene: BoolArray
     start: FloatArray
     step: FloatArray
     lower: FloatArray
     upper: FloatArray
+
+
+class _Bracket(NamedTuple):
+    """Per row, scales (sizes, one direction) rejected at ``lo`` and accepted at ``hi``,
+    with their logit gaps."""
+
+    lo: FloatArray
+    lo_gap: FloatArray
+    hi: FloatArray
+    hi_gap: FloatArray
+    found: BoolArray
+
+    @classmethod
+    def of(
+        cls, scales: FloatArray, gaps: FloatArray, zero_gap: FloatArray, sign: float
+    ) -> _Bracket:
+        """The first accepted scale of direction ``sign`` and the one before it (or 0)."""
+        columns = np.flatnonzero(np.sign(scales) == sign)
+        size = np.abs(scales[columns])
+        side = gaps[:, columns]
+        accepted = side >= 0
+        first = np.argmax(accepted, axis=1)
+        rows = np.arange(len(gaps))
+        before = np.maximum(first - 1, 0)
+        after_first = first > 0
+        return cls(
+            np.where(after_first, size[before], 0.0),
+            np.where(after_first, side[rows, before], zero_gap),
+            size[first],
+            side[rows, first],
+            accepted.any(axis=1),
+        )
+
+    def root(self) -> FloatArray:
+        """Where the secant through both ends crosses the threshold (inf: no bracket)."""
+        rise = self.hi_gap - self.lo_gap
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.clip(-self.lo_gap / rise, 0.0, 1.0)
+        share = np.where(rise > 0, share, 1.0)
+        return np.where(self.found, self.lo + share * (self.hi - self.lo), np.inf)
 
 
 @dataclass(frozen=True, eq=False)
@@ -446,6 +607,16 @@ def _folded_float32(classifier: Classifier) -> _Float32Network:
         bias - (classifier.mean / classifier.scale) @ first,
     )
     return _Float32Network(tuple((w.astype(np.float32), b.astype(np.float32)) for w, b in layers))
+
+
+def _top_chances(logits: FloatArray, count: int) -> FloatArray:
+    """(count, n): the network's probabilities of each person's ``count`` best patterns."""
+    finite = np.isfinite(logits)
+    top = np.max(np.where(finite, logits, -np.inf), axis=1, keepdims=True)
+    weights = np.where(finite, np.exp(logits - np.where(np.isfinite(top), top, 0.0)), 0.0)
+    total = weights.sum(axis=1, keepdims=True)
+    chances = -np.sort(-weights, axis=1)[:, :count] / np.where(total > 0, total, 1.0)
+    return chances.T
 
 
 def _actionable_ancestors(scm: StructuralCausalModel) -> BoolArray:

@@ -32,6 +32,7 @@ from models.elicitation import PreferenceElicitor
 from models.preferences import ConstraintArrays, parse_constraints
 from models.scm import VariableType
 from solver.amortized import (
+    SECANT_TOLERANCE,
     AmortizedSolver,
     AmortizerMismatchError,
     read_labels,
@@ -206,6 +207,26 @@ def test_amortized_answers_cost_no_less_than_the_exact_labels(
     ratio = batch.cost[batch.verified] / labels.cost[batch.verified]
     assert (ratio >= 1 - 1e-6).all()
     assert batch.verified.mean() > 0.9
+
+
+def test_line_search_lands_on_the_boundary_when_the_features_are_right(
+    trained: Amortizer, loan_labels: Path
+) -> None:
+    # The logit of logistic regression along one feature is monotone and piecewise linear
+    # through Loan's equations: with the optimal feature, the answer is the optimum up to
+    # the line search's tolerance (relative, or the float32 margin's few thousandths of a
+    # cost unit for people on the boundary already), whatever value the network proposed.
+    labels = read_labels(loan_labels)
+    solver = AmortizedSolver(trained, labels.scm, labels.classifier)
+    for rows in (np.arange(len(labels.x)), np.arange(3)):  # large and small batch schedules
+        batch = solver.predict(labels.x[rows], labels.constraints.take(rows))
+        acted = batch.intervene[:, solver.columns]
+        same = batch.verified & (acted == labels.mask[rows]).all(axis=1) & (acted.sum(axis=1) == 1)
+        optimum = labels.cost[rows][same]
+        assert same.sum() >= min(len(rows), 40)
+        excess = batch.cost[same] - optimum
+        assert ((excess <= 3 * SECANT_TOLERANCE * optimum) | (excess <= 2e-3)).all()
+        assert (excess >= -1e-6 * optimum).all()
 
 
 # -- files -------------------------------------------------------------------------------
