@@ -22,6 +22,8 @@ import pandas as pd
 FloatArray = npt.NDArray[np.float64]
 
 CONFIDENCE = 0.95
+BELOW_OPTIMUM = 1e-6
+"""Relative margin under which a cost ratio counts as beating the exact optimum."""
 GAP_METRICS = {
     "validity": "valid",
     "cost": "cost",
@@ -135,6 +137,9 @@ def summarize(people: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
                     "universal_cost_mean": group["universal_cost"].mean(),
                     "cost_ratio_mean": ratio.mean() if ratio.size else np.nan,
                     "cost_ratio_p95": np.percentile(ratio, 95) if ratio.size else np.nan,
+                    # Possible where the MILP interpolates a non-linear equation: its optimum
+                    # is the interpolated model's, and a verified answer may beat it.
+                    "below_optimum": np.mean(ratio < 1 - BELOW_OPTIMUM) if ratio.size else np.nan,
                     "features_changed": group["n_changed"].mean(),
                     "lof_mean": group["lof"].mean(),
                     "implausible_lof": group["implausible_lof"].mean(),
