@@ -319,21 +319,23 @@ def _finding_soft(people: pd.DataFrame, schemes: Sequence[str], bootstrap: Boots
     lines = [
         title,
         "",
-        f"Read as: against hard constraints, a soft scheme keeps validity and plausibility "
-        f"(mean LOF, implausible share) better, while its mean cost stays within "
-        f"{SIMILAR_COST:.0%} of the universal scheme's (method: exact). Costs are compared "
-        f"with unit weights (`cost, unit weights`): a person's own weights make costs of "
-        f"different schemes incomparable.",
+        f"Read as two parts (method: exact). Plausibility: against hard constraints, a soft "
+        f"scheme keeps validity and plausibility (mean LOF, implausible share) better. Cost: "
+        f"its mean cost stays within {SIMILAR_COST:.0%} of the universal scheme's, compared "
+        f"with unit weights (`cost, unit weights`), since a person's own weights make costs "
+        f"of different schemes incomparable; the cost in the person's own weights is shown "
+        f"too.",
         "",
     ]
-    holds = []
+    verdicts = []
+    universal_cost = np.nanmean(_column(people, "universal", "exact", "cost"))
     for scheme in soft:
         validity = _diff(people, scheme, "hard", "exact", "valid", bootstrap)
         lof = _diff(people, scheme, "hard", "exact", "lof", bootstrap)
         noise = _diff(people, scheme, "hard", "exact", "implausible_noise", bootstrap)
-        cost = _diff(people, scheme, "universal", "exact", "universal_cost", bootstrap)
-        base = float(np.nanmean(_column(people, "universal", "exact", "cost")))
-        relative = cost.value / base if base else np.nan
+        unit = _diff(people, scheme, "universal", "exact", "universal_cost", bootstrap)
+        own = float(np.nanmean(_column(people, scheme, "exact", "cost")))
+        relative = unit.value / universal_cost if universal_cost else np.nan
         better = (
             lof.value <= 0
             and noise.value <= 0
@@ -341,20 +343,36 @@ def _finding_soft(people: pd.DataFrame, schemes: Sequence[str], bootstrap: Boots
             and validity.value >= 0
         )
         similar = abs(relative) <= SIMILAR_COST
-        holds.append(better and similar)
+        verdicts.append((scheme, better, similar, relative))
         lines.append(
             f"- {scheme} minus hard: validity {validity.text(1, True)}, mean LOF "
-            f"{lof.text(3)}, implausible (noise) {noise.text(1, True)}; cost minus "
-            f"universal {cost.text(3)} ({relative:+.1%}): plausibility "
-            f"{'better' if better else 'not better'}, cost "
-            f"{'similar' if similar else 'not similar'}."
+            f"{lof.text(3)}, implausible (noise) {noise.text(1, True)}: plausibility "
+            f"{'better' if better else 'not better'}. Cost with unit weights minus universal: "
+            f"{unit.text(3)} ({relative:+.1%}, {'similar' if similar else 'not similar'}); "
+            f"in the person's own weights {own:.3f} against {universal_cost:.3f} under "
+            f"universal."
         )
     lines.append("")
-    if all(holds):
+    plausible = [s for s, better, _, _ in verdicts if better]
+    similar = [s for s, _, same, _ in verdicts if same]
+    if len(plausible) == len(soft) and len(similar) == len(soft):
         lines.append("Holds on this data for " + " and ".join(soft) + ".")
+    elif plausible:
+        costs = ", ".join(f"{s} {r:+.1%}" for s, _, same, r in verdicts if not same)
+        lines.append(
+            f"**Holds in part** on this data: plausibility is better than under hard "
+            f"constraints for {', '.join(plausible)}"
+            + (f", but the cost is not similar ({costs} with unit weights)" if costs else "")
+            + (
+                "; plausibility is not better for "
+                + ", ".join(s for s in soft if s not in plausible)
+                if len(plausible) < len(soft)
+                else ""
+            )
+            + "."
+        )
     else:
-        failing = [s for s, ok in zip(soft, holds, strict=True) if not ok]
-        lines.append(f"**Does not hold** on this data for {', '.join(failing)}; see above.")
+        lines.append("**Does not hold** on this data: plausibility is not better than under hard.")
     return lines + [""]
 
 
