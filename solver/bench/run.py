@@ -66,6 +66,9 @@ METHODS = (
 KEYS = ("cost_profile", "scheme", "method")
 """What one summary row is about."""
 TRAINING_SCHEME = "mixed"
+RATIO_FLOOR = 1e-6
+"""Optimal costs below this get no cost ratio: a person a hair from the boundary (squared
+costs of 1e-10) would turn rounding and the reported cut gap into ratios far from 1."""
 
 
 class BenchInputError(ValueError):
@@ -364,7 +367,7 @@ class _Stage:
         frame["optimal_cost"] = optimum
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = frame["cost"].to_numpy() / optimum
-        frame["cost_ratio"] = np.where(optimum > 0, ratio, np.nan)
+        frame["cost_ratio"] = np.where(optimum > RATIO_FLOOR, ratio, np.nan)
         frame["seconds"] = seconds
         frame["answered_by"] = method
         return frame
