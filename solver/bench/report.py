@@ -143,6 +143,7 @@ def _summary_table(summary: pd.DataFrame, schemes: Sequence[str]) -> list[str]:
         ("cost_mean", "cost", "num"),
         ("universal_cost_mean", "cost, unit weights", "num"),
         ("cost_ratio_mean", "cost ratio", "num"),
+        ("cost_ratio_median", "ratio median", "num"),
         ("cost_ratio_p95", "ratio p95", "num"),
         ("below_optimum", "below optimum", "pct"),
         ("features_changed", "features", "num"),

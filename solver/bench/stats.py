@@ -136,6 +136,7 @@ def summarize(people: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
                     "cost_mean": group["cost"].mean(),
                     "universal_cost_mean": group["universal_cost"].mean(),
                     "cost_ratio_mean": ratio.mean() if ratio.size else np.nan,
+                    "cost_ratio_median": np.median(ratio) if ratio.size else np.nan,
                     "cost_ratio_p95": np.percentile(ratio, 95) if ratio.size else np.nan,
                     # Possible where the MILP interpolates a non-linear equation: its optimum
                     # is the interpolated model's, and a verified answer may beat it.
