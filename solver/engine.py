@@ -305,12 +305,19 @@ class RecourseSolver:
         unfinished: BackendResult | None = None
         rounds, seconds = 0, 0.0
         ctx = None
+        memo: dict = {}  # the masks' contexts share this person's equation bounds
         for mask in masks:
             locked = dataclasses.replace(
                 constraints, locks=constraints.locks | (enumerated - set(mask))
             )
             ctx = f.context(
-                x, locked, noise=noise, cost_budget=budget, margin=margin, forced=free | set(mask)
+                x,
+                locked,
+                noise=noise,
+                cost_budget=budget,
+                margin=margin,
+                forced=free | set(mask),
+                memo=memo,
             )
             if not set(mask) <= set(ctx.intervention):
                 continue  # a feature of this mask has no value within the budget

@@ -793,6 +793,7 @@ class RecourseFormulation:
         cost_budget: float | None = None,
         margin: float | None = None,
         forced: frozenset[str] = frozenset(),
+        memo: dict[tuple, tuple[float, float, dict[int, Interval]]] | None = None,
     ) -> PersonContext:
         """Intervals, ranges and neuron bounds for one person (the per-person numbers).
 
@@ -800,6 +801,8 @@ class RecourseFormulation:
         the box of changes that could still be cheaper (see the module docstring).
         ``forced``: features this solve acts on for sure (m_k fixed to 1); their value is the
         value set, within the intervention range, and they pay for their whole change.
+        ``memo``: a dict shared by the contexts of one person (same ``x`` and noise), which
+        then bound each equation once per distinct box of its parents.
         """
         scm = self.scm
         x = np.asarray(x, dtype=float)
@@ -814,9 +817,17 @@ class RecourseFormulation:
             if var.name not in reachable:
                 box[var.name] = (float(x[j]), float(x[j]))
                 continue
-            env: dict[str, Interval] = {p: box[p] for p in var.parents}
-            env[NOISE] = (float(noise[j]), float(noise[j]))
-            lo, hi = evaluate_interval(var.equation, env, nodes)
+            key = (j, *(box[p] for p in var.parents))
+            if memo is not None and key in memo:
+                lo, hi, equation_nodes = memo[key]
+            else:
+                env: dict[str, Interval] = {p: box[p] for p in var.parents}
+                env[NOISE] = (float(noise[j]), float(noise[j]))
+                equation_nodes = {}
+                lo, hi = evaluate_interval(var.equation, env, equation_nodes)
+                if memo is not None:
+                    memo[key] = (lo, hi, equation_nodes)
+            nodes.update(equation_nodes)
             self._bound_extra_nodes(nodes)
             natural[var.name] = (float(lo), float(hi))
             if var.name in forced and var.name in intervention:
