@@ -928,25 +928,31 @@ class RecourseFormulation:
             ]
         )
         budget = float(ctx.cost_budget or 0.0) * (1 + 1e-7) + 1e-9
-        room_up = np.where(roots, upper - factual, 0.0)
-        room_down = np.where(roots, factual - lower, 0.0)
+        # Split the coordinates once: the per-row work below is a few numpy calls, which
+        # matters for the many small contexts of one person (one per mask).
+        root, other = np.flatnonzero(roots), np.flatnonzero(~roots)
+        other_lower, other_upper = lower[other], upper[other]
+        root_factual, root_rate = factual[root], rate[root]
+        room_up, room_down = upper[root] - root_factual, root_factual - lower[root]
 
         def maximum(G: FloatArray) -> FloatArray:
-            others = np.where(roots, 0.0, np.maximum(G, 0) * upper + np.minimum(G, 0) * lower)
-            base = others.sum(axis=1) + (G * np.where(roots, factual, 0.0)).sum(axis=1)
-            room = np.where(G > 0, room_up, room_down) * roots
-            gain = np.abs(G) * roots
+            G_other, G_root = G[:, other], G[:, root]
+            base = (
+                np.maximum(G_other, 0) @ other_upper
+                + np.minimum(G_other, 0) @ other_lower
+                + G_root @ root_factual
+            )
+            room = np.where(G_root > 0, room_up, room_down)
+            gain = np.abs(G_root)
             if self.cost.kind == "carma":
                 box = (gain * room).sum(axis=1)
-                ball = np.sqrt(budget * (gain**2 / rate).sum(axis=1))
+                ball = np.sqrt(budget * (gain**2 / root_rate).sum(axis=1))
                 return base + np.minimum(box, ball)
             # Fractional knapsack: spend the budget on the best gain per unit of cost first.
-            order = np.argsort(-gain / rate, axis=1)
-            gain_sorted = np.take_along_axis(gain, order, axis=1)
-            room_sorted = np.take_along_axis(room, order, axis=1)
-            full_cost = room_sorted * np.take_along_axis(
-                np.broadcast_to(rate, G.shape), order, axis=1
-            )
+            order = np.argsort(-gain / root_rate, axis=1)
+            rows = np.arange(len(G))[:, None]
+            gain_sorted, room_sorted = gain[rows, order], room[rows, order]
+            full_cost = room_sorted * root_rate[order]
             spent_before = np.cumsum(full_cost, axis=1) - full_cost
             fraction = np.clip(
                 (budget - spent_before) / np.where(full_cost > 0, full_cost, 1.0), 0.0, 1.0
