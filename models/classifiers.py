@@ -101,6 +101,7 @@ class Classifier:
         lower: FloatArray,
         upper: FloatArray,
         linear_max: Callable[[FloatArray], FloatArray] | None = None,
+        logit_at_least: float | None = None,
     ) -> list[tuple[FloatArray, FloatArray]]:
         """Bounds of every layer's pre-activations for inputs ``x = P y + q``, y in a box.
 
@@ -111,15 +112,44 @@ class Classifier:
 
         ``linear_max(G)``, when given, returns the maximum of each row of ``G @ y`` over
         the set y lives in (a subset of the box, e.g. a cost budget).
+
+        ``logit_at_least``: bound only the inputs whose logit is at least this (the ones a
+        recourse MILP may accept). The first pass's linear upper bound of the logit, ``h y
+        + h0 >= logit``, then cuts the set by the half-space ``h y >= logit_at_least -
+        h0``, and a second pass bounds every layer over the cut set: for any ``lam >= 0``,
+        ``max G y <= max (G + lam h) y - lam (logit_at_least - h0)`` over the uncut set
+        (weak duality), and the smallest over a grid of ``lam`` is kept. Bounds of a layer
+        may then cross (lower above upper): no input in the set is accepted.
         """
         P, q = np.asarray(P, dtype=float), np.asarray(q, dtype=float)
         lower, upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
-        input_map = P / self.scale[:, None]
-        input_offset = (q - self.mean) / self.scale
         positive, negative = np.maximum(P, 0), np.minimum(P, 0)
         interval = self.preactivation_bounds(
             positive @ lower + negative @ upper + q, positive @ upper + negative @ lower + q
         )
+        if linear_max is None:
+
+            def linear_max(G: FloatArray) -> FloatArray:
+                return np.maximum(G, 0) @ upper + np.minimum(G, 0) @ lower
+
+        input_map = P / self.scale[:, None]
+        input_offset = (q - self.mean) / self.scale
+        bounds, (h, h0) = self._back_substitute(input_map, input_offset, linear_max, interval)
+        if logit_at_least is None or len(self.layers) == 1:
+            return bounds  # one layer: the logit's own bound already says it all
+        cut = _half_space_maximum(linear_max, h, logit_at_least - h0)
+        tighter, _ = self._back_substitute(input_map, input_offset, cut, bounds)
+        return tighter
+
+    def _back_substitute(
+        self,
+        input_map: FloatArray,
+        input_offset: FloatArray,
+        linear_max: Callable[[FloatArray], FloatArray],
+        known: list[tuple[FloatArray, FloatArray]],
+    ) -> tuple[list[tuple[FloatArray, FloatArray]], tuple[FloatArray, float]]:
+        """DeepPoly bounds of every layer, intersected with ``known`` ones, and the logit's
+        linear upper bound in y (coefficients, constant)."""
         bounds: list[tuple[FloatArray, FloatArray]] = []
         relaxations: list[tuple[FloatArray, FloatArray, FloatArray]] = []
         for index, layer in enumerate(self.layers):
@@ -141,20 +171,12 @@ class Classifier:
                 const = const + coef @ input_offset
                 sides.append((coef @ input_map, const))
             (low_coef, low_const), (high_coef, high_const) = sides
-            if linear_max is not None:
-                # One call for both sides: min of G y is -max of (-G) y.
-                n = len(low_coef)
-                extremes = linear_max(np.vstack([-low_coef, high_coef]))
-                low_side, high_side = -extremes[:n] + low_const, extremes[n:] + high_const
-            else:
-                low_side = (
-                    np.maximum(low_coef, 0) @ lower + np.minimum(low_coef, 0) @ upper + low_const
-                )
-                high_side = (
-                    np.maximum(high_coef, 0) @ upper + np.minimum(high_coef, 0) @ lower + high_const
-                )
-            lo = np.maximum(low_side, interval[index][0])
-            hi = np.minimum(high_side, interval[index][1])
+            # One call for both sides: min of G y is -max of (-G) y.
+            n = len(low_coef)
+            extremes = linear_max(np.vstack([-low_coef, high_coef]))
+            low_side, high_side = -extremes[:n] + low_const, extremes[n:] + high_const
+            lo = np.maximum(low_side, known[index][0])
+            hi = np.minimum(high_side, known[index][1])
             bounds.append((lo, hi))
             if index < len(self.layers) - 1:
                 unstable = (lo < 0) & (hi > 0)
@@ -163,7 +185,7 @@ class Classifier:
                 intercept_up = np.where(unstable, -slope_up * lo, 0.0)
                 slope_low = np.where(hi <= 0, 0.0, np.where(lo >= 0, 1.0, (hi >= -lo) * 1.0))
                 relaxations.append((slope_up, intercept_up, slope_low))
-        return bounds
+        return bounds, (high_coef[0], float(high_const[0]))
 
     # -- storage ------------------------------------------------------------------------
 
@@ -269,3 +291,25 @@ def _array(value: Any, where: str, shape: tuple[int, ...] | None) -> FloatArray:
 
 def _clean(array: FloatArray) -> FloatArray:
     return np.where(np.abs(array) < _NEGLIGIBLE_WEIGHT, 0.0, array)
+
+
+# Multipliers of the half-space in _half_space_maximum, relative to |G row| / |h|.
+_MULTIPLIERS = np.concatenate([[0.0], 2.0 ** np.arange(-8.0, 8.25, 0.25)])
+
+
+def _half_space_maximum(
+    linear_max: Callable[[FloatArray], FloatArray], h: FloatArray, rhs: float
+) -> Callable[[FloatArray], FloatArray]:
+    """Upper bounds of each row of ``G @ y`` over the set of ``linear_max`` cut by ``h y >=
+    rhs``: the smallest ``linear_max(G + lam h) - lam rhs`` over a grid of ``lam >= 0``
+    (each one a valid bound; -inf when the cut set is provably empty)."""
+    norm = float(np.linalg.norm(h))
+    if norm == 0.0:
+        return lambda G: linear_max(G) if rhs <= 0 else np.full(len(G), -np.inf)
+
+    def maximum(G: FloatArray) -> FloatArray:
+        lam = (np.linalg.norm(G, axis=1) / norm)[:, None] * _MULTIPLIERS
+        rows = (G[:, None, :] + lam[:, :, None] * h).reshape(-1, G.shape[1])
+        return (linear_max(rows).reshape(lam.shape) - lam * rhs).min(axis=1)
+
+    return maximum

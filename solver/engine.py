@@ -299,7 +299,7 @@ class RecourseSolver:
         every mask was solved or skipped; a mask stopped by the time limit makes it
         ``time_limit``.
         """
-        f, clf = self.formulation, self.classifier
+        f = self.formulation
         enumerated = {k for mask in masks for k in mask}
         best: tuple[BackendResult, PersonContext] | None = None
         unfinished: BackendResult | None = None
@@ -321,7 +321,7 @@ class RecourseSolver:
             )
             if not set(mask) <= set(ctx.intervention):
                 continue  # a feature of this mask has no value within the budget
-            if ctx.neuron_bounds[-1][1][0] < clf.logit_threshold + ctx.margin:
+            if f.proves_no_recourse(ctx):
                 continue  # proven: no action of this mask is valid within the budget
             outcome, r, sec = self._solve_with_cuts(ctx, deadline)
             rounds, seconds = rounds + r, seconds + sec
@@ -358,6 +358,9 @@ class RecourseSolver:
         Every solve gets the time left until ``deadline``; when it runs out with cuts still
         violated, the answer is marked ``time_limit`` (its gap says how far it may be off).
         """
+        if self.formulation.proves_no_recourse(ctx):
+            proof = "the classifier's bounds exclude every accepted counterfactual"
+            return BackendResult(SolveStatus.INFEASIBLE, None, None, None, 0.0, proof), 0, 0.0
         milp = self.formulation.instantiate(ctx)
         rounds, seconds = 0, 0.0
         while True:

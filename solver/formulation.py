@@ -893,7 +893,27 @@ class RecourseFormulation:
         linear_max = None
         if ctx.cost_budget is not None:
             linear_max = self._budget_maximum(ctx, free, lower, upper)
-        return self.classifier.preactivation_bounds_affine(P, q, lower, upper, linear_max)
+        # The MILP only admits accepted counterfactuals (up to its feasibility tolerance),
+        # so the bounds need only hold for those.
+        accepted = self.classifier.logit_threshold + ctx.margin - 1e-7
+        bounds = self.classifier.preactivation_bounds_affine(
+            P, q, lower, upper, linear_max, logit_at_least=accepted
+        )
+        # Rounding must not make a set with accepted points look empty.
+        return [
+            (lo - _PAD_REL * np.abs(lo) - _PAD_REL, hi + _PAD_REL * np.abs(hi) + _PAD_REL)
+            for lo, hi in bounds
+        ]
+
+    def proves_no_recourse(self, ctx: PersonContext) -> bool:
+        """Whether the classifier bounds alone show that no counterfactual of this context
+        is accepted (the logit's upper bound is below the threshold, or some layer's
+        bounds cross), so that its MILP is infeasible."""
+        logit_upper = ctx.neuron_bounds[-1][1][0]
+        return bool(
+            logit_upper < self.classifier.logit_threshold + ctx.margin
+            or any(np.any(lo > hi) for lo, hi in ctx.neuron_bounds)
+        )
 
     def _budget_maximum(
         self, ctx: PersonContext, free: list[str], lower: FloatArray, upper: FloatArray
