@@ -116,7 +116,7 @@ class Classifier:
         ``logit_at_least``: bound only the inputs whose logit is at least this (the ones a
         recourse MILP may accept). The first pass's linear upper bound of the logit, ``h y
         + h0 >= logit``, then cuts the set by the half-space ``h y >= logit_at_least -
-        h0``, and a second pass bounds every layer over the cut set: for any ``lam >= 0``,
+        h0``, and further passes bound every layer over the cut set: for any ``lam >= 0``,
         ``max G y <= max (G + lam h) y - lam (logit_at_least - h0)`` over the uncut set
         (weak duality), and the smallest over a grid of ``lam`` is kept. Bounds of a layer
         may then cross (lower above upper): no input in the set is accepted.
@@ -137,9 +137,12 @@ class Classifier:
         bounds, (h, h0) = self._back_substitute(input_map, input_offset, linear_max, interval)
         if logit_at_least is None or len(self.layers) == 1:
             return bounds  # one layer: the logit's own bound already says it all
-        cut = _half_space_maximum(linear_max, h, logit_at_least - h0)
-        tighter, _ = self._back_substitute(input_map, input_offset, cut, bounds)
-        return tighter
+        # Twice: the second cut comes from the first cut's tighter logit bound (a third
+        # pass did not make the MILPs faster on Loan).
+        for _ in range(2):
+            cut = _half_space_maximum(linear_max, h, logit_at_least - h0)
+            bounds, (h, h0) = self._back_substitute(input_map, input_offset, cut, bounds)
+        return bounds
 
     def _back_substitute(
         self,
@@ -294,7 +297,8 @@ def _clean(array: FloatArray) -> FloatArray:
 
 
 # Multipliers of the half-space in _half_space_maximum, relative to |G row| / |h|.
-_MULTIPLIERS = np.concatenate([[0.0], 2.0 ** np.arange(-8.0, 8.25, 0.25)])
+# A finer or wider grid (2^-8 to 2^8 in quarter powers) gave no faster MILPs on Loan.
+_MULTIPLIERS = np.concatenate([[0.0], 2.0 ** np.arange(-6.0, 6.25, 0.5)])
 
 
 def _half_space_maximum(
