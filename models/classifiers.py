@@ -185,7 +185,7 @@ class Classifier:
                 unstable = (lo < 0) & (hi > 0)
                 width = np.where(unstable, hi - lo, 1.0)
                 slope_up = np.where(hi <= 0, 0.0, np.where(lo >= 0, 1.0, hi / width))
-                intercept_up = np.where(unstable, -slope_up * lo, 0.0)
+                intercept_up = -slope_up * np.where(unstable, lo, 0.0)  # lo may be inf
                 slope_low = np.where(hi <= 0, 0.0, np.where(lo >= 0, 1.0, (hi >= -lo) * 1.0))
                 relaxations.append((slope_up, intercept_up, slope_low))
         return bounds, (high_coef[0], float(high_const[0]))

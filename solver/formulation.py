@@ -138,6 +138,10 @@ def _pad(m: float) -> float:
     return max(0.0, m) * (1 + _PAD_REL) + _PAD_ABS
 
 
+def _finite(v: FloatArray) -> FloatArray:
+    return np.where(np.isfinite(v), v, 0.0)
+
+
 def _widen_low(v: float) -> float:
     return v - _PAD_REL * abs(v) - _PAD_ABS
 
@@ -899,9 +903,10 @@ class RecourseFormulation:
         bounds = self.classifier.preactivation_bounds_affine(
             P, q, lower, upper, linear_max, logit_at_least=accepted
         )
-        # Rounding must not make a set with accepted points look empty.
+        # Rounding must not make a set with accepted points look empty. Bounds of an empty
+        # set may be infinite (lower +inf, upper -inf): they stay so.
         return [
-            (lo - _PAD_REL * np.abs(lo) - _PAD_REL, hi + _PAD_REL * np.abs(hi) + _PAD_REL)
+            (lo - _PAD_REL * (np.abs(_finite(lo)) + 1), hi + _PAD_REL * (np.abs(_finite(hi)) + 1))
             for lo, hi in bounds
         ]
 
