@@ -141,7 +141,9 @@ class Classifier:
         # pass did not make the MILPs faster on Loan).
         for _ in range(2):
             cut = _half_space_maximum(linear_max, h, logit_at_least - h0)
-            bounds, (h, h0) = self._back_substitute(input_map, input_offset, cut, bounds)
+            bounds, (h, h0) = self._back_substitute(
+                input_map, input_offset, cut, bounds, refine_unstable_only=True
+            )
         return bounds
 
     def _back_substitute(
@@ -150,6 +152,7 @@ class Classifier:
         input_offset: FloatArray,
         linear_max: Callable[[FloatArray], FloatArray],
         known: list[tuple[FloatArray, FloatArray]],
+        refine_unstable_only: bool = False,
     ) -> tuple[list[tuple[FloatArray, FloatArray]], tuple[FloatArray, float]]:
         """DeepPoly bounds of every layer, intersected with ``known`` ones, and the logit's
         linear upper bound in y (coefficients, constant)."""
@@ -174,12 +177,20 @@ class Classifier:
                 const = const + coef @ input_offset
                 sides.append((coef @ input_map, const))
             (low_coef, low_const), (high_coef, high_const) = sides
-            # One call for both sides: min of G y is -max of (-G) y.
-            n = len(low_coef)
-            extremes = linear_max(np.vstack([-low_coef, high_coef]))
-            low_side, high_side = -extremes[:n] + low_const, extremes[n:] + high_const
-            lo = np.maximum(low_side, known[index][0])
-            hi = np.minimum(high_side, known[index][1])
+            lo, hi = known[index]
+            # A hidden neuron already stable in the known bounds keeps them: its relaxation
+            # does not depend on them (this halves the cost of the cut passes).
+            todo = (
+                np.flatnonzero((lo < 0) & (hi > 0))
+                if refine_unstable_only and index < len(self.layers) - 1
+                else np.arange(len(lo))
+            )
+            if len(todo):
+                # One call for both sides: min of G y is -max of (-G) y.
+                extremes = linear_max(np.vstack([-low_coef[todo], high_coef[todo]]))
+                lo, hi = lo.copy(), hi.copy()
+                lo[todo] = np.maximum(-extremes[: len(todo)] + low_const[todo], lo[todo])
+                hi[todo] = np.minimum(extremes[len(todo) :] + high_const[todo], hi[todo])
             bounds.append((lo, hi))
             if index < len(self.layers) - 1:
                 unstable = (lo < 0) & (hi > 0)
