@@ -309,7 +309,7 @@ def _clean(array: FloatArray) -> FloatArray:
 
 # Multipliers of the half-space in _half_space_maximum, relative to |G row| / |h|.
 # A finer or wider grid (2^-8 to 2^8 in quarter powers) gave no faster MILPs on Loan.
-_MULTIPLIERS = np.concatenate([[0.0], 2.0 ** np.arange(-6.0, 6.25, 0.5)])
+_MULTIPLIERS = np.concatenate([[0.0], 2.0 ** np.arange(-6.0, 7.0)])
 
 
 def _half_space_maximum(
