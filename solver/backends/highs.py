@@ -80,6 +80,7 @@ class HighsBackend(Backend):
             for option, value in _HEURISTICS_OFF.items():
                 self._highs.setOptionValue(option, value)
         self._loaded: NumericMILP | None = None
+        self._settings: tuple[float, ...] | None = None
         self._entry_rows: np.ndarray | None = None
 
     @classmethod
@@ -95,11 +96,19 @@ class HighsBackend(Backend):
 
     def solve(self, milp: NumericMILP, settings: SolverSettings) -> BackendResult:
         h = self._highs
-        h.setOptionValue("threads", settings.threads)
         h.setOptionValue("time_limit", float(settings.time_limit))
-        h.setOptionValue("mip_rel_gap", settings.mip_rel_gap)
-        h.setOptionValue("mip_abs_gap", settings.mip_abs_gap)
-        h.setOptionValue("mip_feasibility_tolerance", settings.feasibility_tolerance)
+        rest = (
+            settings.threads,
+            settings.mip_rel_gap,
+            settings.mip_abs_gap,
+            settings.feasibility_tolerance,
+        )
+        if rest != self._settings:  # the same for every solve of one engine
+            h.setOptionValue("threads", settings.threads)
+            h.setOptionValue("mip_rel_gap", settings.mip_rel_gap)
+            h.setOptionValue("mip_abs_gap", settings.mip_abs_gap)
+            h.setOptionValue("mip_feasibility_tolerance", settings.feasibility_tolerance)
+            self._settings = rest
         self._load(milp)
         start = time.perf_counter()
         h.run()
