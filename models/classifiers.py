@@ -8,6 +8,7 @@ the weights and the per-neuron interval bounds computed here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -56,7 +57,7 @@ class Classifier:
 
     # -- numerics -----------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def logit_threshold(self) -> float:
         return float(logit_of(self.threshold))
 

@@ -182,22 +182,18 @@ def _line_search(
         blocks = []
         for action in best:
             acted = np.flatnonzero(action.intervene)
-            # Scale all changes together, then each changed feature on its own.
-            directions = [acted, *([k] for k in acted)]
-            candidates = []
-            for features in directions:
-                values = np.repeat(action.values[None, :], len(steps), axis=0)
-                values[:, features] = x[features] + steps[:, None] * (
-                    action.values[features] - x[features]
-                )
-                candidates.append(values)
-            values = np.concatenate(candidates)
-            for k in acted:
-                # A person's range need not contain their current value: stay inside it.
-                lo, hi = ranges[scm.names[k]]
-                values[:, k] = np.clip(values[:, k], lo, hi)
-                if scm.variables[k].type is not VariableType.CONTINUOUS:
-                    values[:, k] = np.round(values[:, k])
+            # Scale all changes together, then each changed feature on its own: one row of
+            # `moves` per direction, the steps within it.
+            moves = np.zeros((1 + len(acted), len(x)), dtype=bool)
+            moves[0, acted] = True
+            moves[np.arange(1, 1 + len(acted)), acted] = True
+            scaled = x + steps[:, None] * (action.values - x)
+            values = np.where(moves[:, None, :], scaled, action.values).reshape(-1, len(x))
+            # A person's range need not contain their current value: stay inside it.
+            lo, hi = np.array([ranges[scm.names[k]] for k in acted]).reshape(-1, 2).T
+            values[:, acted] = np.clip(values[:, acted], lo, hi)
+            whole = [k for k in acted if scm.variables[k].type is not VariableType.CONTINUOUS]
+            values[:, whole] = np.round(values[:, whole])
             blocks.append((np.repeat(action.intervene[None, :], len(values), axis=0), values))
         intervene = np.concatenate([block[0] for block in blocks])
         values = np.concatenate([block[1] for block in blocks])
