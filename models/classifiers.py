@@ -124,10 +124,14 @@ class Classifier:
         """
         P, q = np.asarray(P, dtype=float), np.asarray(q, dtype=float)
         lower, upper = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
-        positive, negative = np.maximum(P, 0), np.minimum(P, 0)
-        interval = self.preactivation_bounds(
-            positive @ lower + negative @ upper + q, positive @ upper + negative @ lower + q
-        )
+        if len(self.layers) == 1:
+            # One affine layer: its bound over y is exact on the box, never looser.
+            interval = [(np.full(1, -np.inf), np.full(1, np.inf))]
+        else:
+            positive, negative = np.maximum(P, 0), np.minimum(P, 0)
+            interval = self.preactivation_bounds(
+                positive @ lower + negative @ upper + q, positive @ upper + negative @ lower + q
+            )
         if linear_max is None:
 
             def linear_max(G: FloatArray) -> FloatArray:

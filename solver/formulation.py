@@ -853,7 +853,7 @@ class RecourseFormulation:
             margin=self.margin if margin is None else margin,
             forced=frozenset(forced) & frozenset(intervention),
         )
-        ctx.neuron_bounds = self._neuron_bounds(ctx)
+        ctx.neuron_bounds = self._neuron_bounds(ctx, memo)
         if self.cost.kind == "carma":
             for k in self.actionable:
                 j = scm.index[k]
@@ -861,16 +861,46 @@ class RecourseFormulation:
                 ctx.tangent_points[k] = np.linspace(lo - x[j], hi - x[j], self.tangents)
         return ctx
 
-    def _neuron_bounds(self, ctx: PersonContext) -> list[tuple[FloatArray, FloatArray]]:
+    def _neuron_bounds(
+        self, ctx: PersonContext, memo: dict | None = None
+    ) -> list[tuple[FloatArray, FloatArray]]:
         """Classifier bounds over this person's counterfactuals, inputs written as x = P y + q.
 
         y holds one coordinate per actionable feature and per non-actionable one whose
         equation is not affine, each within its box; affine non-actionable features are
-        expressed through their parents; features outside R are constants.
+        expressed through their parents; features outside R are constants. P and q depend
+        on the person only (coefficients read off features no action reaches): ``memo``
+        keeps them for the person's next contexts.
         """
+        free = [n for n in self.reachable if n not in self._affine_equations]
+        if memo is not None and "input_map" in memo:
+            P, q = memo["input_map"]
+        else:
+            P, q = self._input_map(ctx, free)
+            if memo is not None:
+                memo["input_map"] = (P, q)
+        lower = np.array([ctx.box[n][0] for n in free])
+        upper = np.array([ctx.box[n][1] for n in free])
+        linear_max = None
+        if ctx.cost_budget is not None:
+            linear_max = self._budget_maximum(ctx, free, lower, upper)
+        # The MILP only admits accepted counterfactuals (up to its feasibility tolerance),
+        # so the bounds need only hold for those.
+        accepted = self.classifier.logit_threshold + ctx.margin - 1e-7
+        bounds = self.classifier.preactivation_bounds_affine(
+            P, q, lower, upper, linear_max, logit_at_least=accepted
+        )
+        # Rounding must not make a set with accepted points look empty. Bounds of an empty
+        # set may be infinite (lower +inf, upper -inf): they stay so.
+        return [
+            (lo - _PAD_REL * (np.abs(_finite(lo)) + 1), hi + _PAD_REL * (np.abs(_finite(hi)) + 1))
+            for lo, hi in bounds
+        ]
+
+    def _input_map(self, ctx: PersonContext, free: list[str]) -> tuple[FloatArray, FloatArray]:
+        """P and q of :meth:`_neuron_bounds` for this person."""
         names = self.classifier.feature_names
         column_name = {col: name for name, col in self.x_col.items()}
-        free = [n for n in self.reachable if n not in self._affine_equations]
         rows: dict[str, tuple[FloatArray, float]] = {}
         for name in self.reachable:
             if name in self._affine_equations:
@@ -892,23 +922,7 @@ class RecourseFormulation:
                 P[i], q[i] = rows[name]
             else:
                 q[i] = ctx.box[name][0]
-        lower = np.array([ctx.box[n][0] for n in free])
-        upper = np.array([ctx.box[n][1] for n in free])
-        linear_max = None
-        if ctx.cost_budget is not None:
-            linear_max = self._budget_maximum(ctx, free, lower, upper)
-        # The MILP only admits accepted counterfactuals (up to its feasibility tolerance),
-        # so the bounds need only hold for those.
-        accepted = self.classifier.logit_threshold + ctx.margin - 1e-7
-        bounds = self.classifier.preactivation_bounds_affine(
-            P, q, lower, upper, linear_max, logit_at_least=accepted
-        )
-        # Rounding must not make a set with accepted points look empty. Bounds of an empty
-        # set may be infinite (lower +inf, upper -inf): they stay so.
-        return [
-            (lo - _PAD_REL * (np.abs(_finite(lo)) + 1), hi + _PAD_REL * (np.abs(_finite(hi)) + 1))
-            for lo, hi in bounds
-        ]
+        return P, q
 
     def proves_no_recourse(self, ctx: PersonContext) -> bool:
         """Whether the classifier bounds alone show that no counterfactual of this context
