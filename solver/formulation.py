@@ -24,9 +24,14 @@ Rows, with ``n_j = g_j(x'_parents) + u_j`` the value j's equation gives:
   segments over the argument's interval) for sigmoid / exp / log / powers of reachable terms;
 - classifier, on standardized inputs (standardization folded into the coefficients):
   logistic regression ``w.x' + b >= logit(threshold) + margin``; a ReLU MLP neuron
-  ``z = W a_prev + b``, ``a = max(z, 0)`` with interval bounds [l, u] of z:
+  ``z = W a_prev + b``, ``a = max(z, 0)`` with bounds [l, u] of z:
   ``a >= z, a <= z - l (1 - s), a <= u s`` (Tjeng, Xiao and Tedrake, 2019); a neuron with
-  u <= 0 or l >= 0 is fixed by its bounds (the solver's presolve removes it);
+  u <= 0 or l >= 0 is fixed by its bounds (the solver's presolve removes it). The bounds
+  (DeepPoly back-substitution over the person's box and cost budget) need only hold for
+  counterfactuals the classifier accepts: outside [l, u] this encoding has no feasible
+  point, inside it is exact, so cutting the box by the half-space where the logit's
+  linear upper bound reaches the threshold (``Classifier.preactivation_bounds_affine``)
+  keeps every accepted counterfactual and leaves far fewer neurons unstable;
 - cost, with ``delta_k = x'_k - x^F_k``, ``W`` a big-M: L1 ``c_k >= +-a_k delta_k - W (1 -
   m_k)``; squared (carma) tangent cuts ``c_k >= a_k (2 t delta_k - t^2) - W (1 - m_k)`` at
   ``tangents`` points t spread over delta_k's range (an outer approximation: the engine

@@ -1,9 +1,12 @@
 """HiGHS through highspy: the default backend.
 
-One ``Highs`` object per backend instance. When the next program has the same
+One ``Highs`` object per backend instance for MIPs. When the next program has the same
 ``pattern_key`` (same person-independent structure), only the numbers that changed are
 passed: column and row bounds, costs, and the coefficients whose value moved. HiGHS
-presolve then removes what the new bounds fix (stable neurons, locked features).
+presolve then removes what the new bounds fix (stable neurons, locked features). A
+program whose integer columns are all fixed by their bounds but for a few binaries is
+solved as one LP per assignment of those, by a second ``Highs`` object that gets each
+program whole (so that its answer does not depend on the programs solved before).
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ class HighsBackend(Backend):
         lp = highspy.Highs()
         lp.setOptionValue("threads", 1)
         lp.setOptionValue("output_flag", False)
-        # One LP after another differs in a few bounds: the last basis beats a presolve.
+        # The LPs of one program differ in a few bounds: the last basis beats a presolve.
         lp.setOptionValue("presolve", "off")
         self._lp = _KeptModel(lp, relaxed=True)
         self._settings: tuple[float, ...] | None = None
@@ -180,7 +183,9 @@ class HighsBackend(Backend):
         """The best of one LP per assignment of the ``free`` binaries; None (solve it as a
         MIP) when an LP ends other than optimal or infeasible (a time limit, say)."""
         h = self._lp.highs
-        self._lp.load(milp)
+        # Passed whole, with no basis: with ties, the vertex returned must not depend on
+        # which program was solved before (labels are the same however they are chunked).
+        self._lp.pass_model(milp)
         best: tuple[float, np.ndarray] | None = None
         runtime = 0.0
         for assignment in itertools.product((0.0, 1.0), repeat=len(free)):
@@ -209,9 +214,9 @@ class HighsBackend(Backend):
 
 
 class _KeptModel:
-    """One Highs object and the program it holds: a program with the same
-    ``pattern_key`` as the last one only has its bounds, costs and changed coefficients
-    passed. ``relaxed``: every column continuous (the enumeration's LPs)."""
+    """One Highs object and the program it holds: :meth:`load` passes a program with the
+    same ``pattern_key`` as the last one by its bounds, costs and changed coefficients
+    only. ``relaxed``: every column continuous (the enumeration's LPs)."""
 
     def __init__(self, highs: Any, relaxed: bool) -> None:
         self.highs, self.relaxed = highs, relaxed
@@ -222,7 +227,7 @@ class _KeptModel:
         h = self.highs
         previous = self.loaded
         if previous is None or previous.pattern_key != milp.pattern_key or not milp.pattern_key:
-            self._pass_model(milp)
+            self.pass_model(milp)
             return
         cols = np.arange(milp.num_cols, dtype=np.int32)
         h.changeColsBounds(milp.num_cols, cols, milp.col_lower, milp.col_upper)
@@ -237,7 +242,7 @@ class _KeptModel:
             )
         self.loaded = milp
 
-    def _pass_model(self, milp: NumericMILP) -> None:
+    def pass_model(self, milp: NumericMILP) -> None:
         h = self.highs
         h.clearModel()
         lp: Any = highspy.HighsLp()
