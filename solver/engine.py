@@ -45,16 +45,21 @@ class EngineOptions:
     margin: float = 1e-4
     """Validity margin in logit units."""
     incumbent_grid: int | None = None
-    """Values per feature of the incumbent grid search (0: no incumbent box). None: 7 for
-    ReLU networks, whose MILPs get much faster with a budget close to the optimum (with
-    the acceptance-cut neuron bounds, 9 cost more grid time than it saved and 5 gave
-    worse budgets), and 3 for linear classifiers, whose MILPs are cheaper than a finer
-    grid (measured on Loan: 5 values cost 0.3 ms more per person for the same solves)."""
+    """Values per feature of the incumbent grid search (0: no grid; the masks are then
+    solved smallest first, each optimum the budget of the next). None: 7 for ReLU
+    networks, whose MILPs get much faster with a budget close to the optimum (with the
+    acceptance-cut neuron bounds, 9 cost more grid time than it saved and 5 gave worse
+    budgets; without a grid Loan-MLP took seconds), and 0 for linear classifiers, whose
+    per-mask MILPs are so cheap that a grid costs more than its budget saves (measured
+    on Loan: 3.2 ms per person with 3 values, 2.6 ms without). A model with interpolated
+    terms keeps 9 and 5: there the budget's box is also the interpolation's interval, so
+    another grid gives another (equally valid) approximate optimum."""
     tangents: int = 9
     breakpoints: int = 16
     mask_features: int = 4
-    """With an incumbent, solve one small MILP per set of acted-on features (a mask) when
-    at most this many features need enumerating (0: always one MILP)."""
+    """Solve one small MILP per set of acted-on features (a mask) when at most this many
+    features need enumerating (0: always one MILP). When the grid runs and finds no valid
+    action, one MILP is solved instead."""
 
 
 class RecourseSolver:
@@ -82,7 +87,11 @@ class RecourseSolver:
         self.formulation = self._refined(self.options.breakpoints)
         self.grid_values = self.options.incumbent_grid
         if self.grid_values is None:
-            self.grid_values = 7 if len(classifier.layers) > 1 else 3
+            deep = len(classifier.layers) > 1
+            if self.formulation.approximated:
+                self.grid_values = 9 if deep else 5
+            else:
+                self.grid_values = 7 if deep else 0
         self.backend = create_backend(backend)
         self.backend_version = backend_class(backend).version()
 
@@ -98,9 +107,9 @@ class RecourseSolver:
             return self._already_accepted(x, factual_probability, constraints, start)
 
         ranges = self.formulation.intervention_ranges(x, constraints)
-        masks, grid = None, {}
+        masks = self._masks(x, constraints, ranges) if ranges else None
+        grid: dict[frozenset[str], GridAction] = {}
         if self.grid_values > 0 and ranges:
-            masks = self._masks(x, constraints, ranges)
             grid = grid_search_by_mask(
                 scm,
                 clf,
@@ -117,8 +126,9 @@ class RecourseSolver:
         incumbent = min(grid.values(), key=lambda action: action.cost, default=None)
         budget = incumbent.cost if incumbent is not None else None
         if masks is not None:
-            # Masks with a cheap grid action first: their optimum shrinks the budget the
-            # harder masks are solved with (or skipped under).
+            # Masks with a cheap grid action first (without a grid, small masks first):
+            # their optimum shrinks the budget the harder masks are solved with (or
+            # skipped under).
             free, enumerated = masks
             masks = (
                 free,
@@ -136,8 +146,10 @@ class RecourseSolver:
         deadline = start + self.settings.time_limit
         attempt = 0
         while True:
-            if budget is None:
-                masks = None  # the masks' subproblems need the incumbent's budget
+            if budget is None and self.grid_values > 0:
+                # No valid grid action (often: no recourse), or a retry after the budget
+                # cut the optimum off: one MILP, as the masks would all start unbounded.
+                masks = None
             if masks is not None:
                 outcome, ctx, rounds, seconds = self._solve_by_masks(
                     x, constraints, noise, budget, margin, deadline, *masks
@@ -286,7 +298,7 @@ class RecourseSolver:
         x: FloatArray,
         constraints: PersonConstraints,
         noise: FloatArray,
-        budget: float,
+        budget: float | None,
         margin: float,
         deadline: float,
         free: frozenset[str],
@@ -333,7 +345,8 @@ class RecourseSolver:
                 best is None or outcome.objective < best[0].objective  # type: ignore[operator]
             ):
                 best = (outcome, ctx)
-                budget = min(budget, outcome.objective * (1 + 1e-6) + 1e-9)
+                bound = outcome.objective * (1 + 1e-6) + 1e-9
+                budget = bound if budget is None else min(budget, bound)
         assert ctx is not None  # masks always holds at least the empty mask
         if best is None:
             if unfinished is not None:
