@@ -408,7 +408,7 @@ def _interval(
 
 
 def _hull_of_products(alo: ArrayLike, ahi: ArrayLike, blo: ArrayLike, bhi: ArrayLike) -> Interval:
-    if all(np.ndim(v) == 0 for v in (alo, ahi, blo, bhi)):
+    if not any(isinstance(v, np.ndarray) for v in (alo, ahi, blo, bhi)):
         # One person's bounds: plain floats are much faster than numpy here.
         products = [
             0.0 if (a == 0 or b == 0) else float(a) * float(b)

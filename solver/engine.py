@@ -45,14 +45,21 @@ class EngineOptions:
     margin: float = 1e-4
     """Validity margin in logit units."""
     incumbent_grid: int | None = None
-    """Values per feature of the incumbent grid search (0: no incumbent box). None: 9 for
-    ReLU networks, whose MILPs get much faster with a budget close to the optimum, and 5
-    for linear classifiers, whose MILPs are cheaper than a finer grid (measured on Loan)."""
+    """Values per feature of the incumbent grid search (0: no grid; the masks are then
+    solved smallest first, each optimum the budget of the next). None: 7 for ReLU
+    networks, whose MILPs get much faster with a budget close to the optimum (with the
+    acceptance-cut neuron bounds, 9 cost more grid time than it saved and 5 gave worse
+    budgets; without a grid Loan-MLP took seconds), and 0 for linear classifiers, whose
+    per-mask MILPs are so cheap that a grid costs more than its budget saves (measured
+    on Loan: 3.2 ms per person with 3 values, 2.6 ms without). A model with interpolated
+    terms keeps 9 and 5: there the budget's box is also the interpolation's interval, so
+    another grid gives another (equally valid) approximate optimum."""
     tangents: int = 9
     breakpoints: int = 16
     mask_features: int = 4
-    """With an incumbent, solve one small MILP per set of acted-on features (a mask) when
-    at most this many features need enumerating (0: always one MILP)."""
+    """Solve one small MILP per set of acted-on features (a mask) when at most this many
+    features need enumerating (0: always one MILP). When the grid runs and finds no valid
+    action, one MILP is solved instead."""
 
 
 class RecourseSolver:
@@ -80,7 +87,11 @@ class RecourseSolver:
         self.formulation = self._refined(self.options.breakpoints)
         self.grid_values = self.options.incumbent_grid
         if self.grid_values is None:
-            self.grid_values = 9 if len(classifier.layers) > 1 else 5
+            deep = len(classifier.layers) > 1
+            if self.formulation.approximated:
+                self.grid_values = 9 if deep else 5
+            else:
+                self.grid_values = 7 if deep else 0
         self.backend = create_backend(backend)
         self.backend_version = backend_class(backend).version()
 
@@ -96,9 +107,9 @@ class RecourseSolver:
             return self._already_accepted(x, factual_probability, constraints, start)
 
         ranges = self.formulation.intervention_ranges(x, constraints)
-        masks, grid = None, {}
+        masks = self._masks(x, constraints, ranges) if ranges else None
+        grid: dict[frozenset[str], GridAction] = {}
         if self.grid_values > 0 and ranges:
-            masks = self._masks(x, constraints, ranges)
             grid = grid_search_by_mask(
                 scm,
                 clf,
@@ -115,8 +126,9 @@ class RecourseSolver:
         incumbent = min(grid.values(), key=lambda action: action.cost, default=None)
         budget = incumbent.cost if incumbent is not None else None
         if masks is not None:
-            # Masks with a cheap grid action first: their optimum shrinks the budget the
-            # harder masks are solved with (or skipped under).
+            # Masks with a cheap grid action first (without a grid, small masks first):
+            # their optimum shrinks the budget the harder masks are solved with (or
+            # skipped under).
             free, enumerated = masks
             masks = (
                 free,
@@ -134,8 +146,10 @@ class RecourseSolver:
         deadline = start + self.settings.time_limit
         attempt = 0
         while True:
-            if budget is None:
-                masks = None  # the masks' subproblems need the incumbent's budget
+            if budget is None and self.grid_values > 0:
+                # No valid grid action (often: no recourse), or a retry after the budget
+                # cut the optimum off: one MILP, as the masks would all start unbounded.
+                masks = None
             if masks is not None:
                 outcome, ctx, rounds, seconds = self._solve_by_masks(
                     x, constraints, noise, budget, margin, deadline, *masks
@@ -284,7 +298,7 @@ class RecourseSolver:
         x: FloatArray,
         constraints: PersonConstraints,
         noise: FloatArray,
-        budget: float,
+        budget: float | None,
         margin: float,
         deadline: float,
         free: frozenset[str],
@@ -299,22 +313,29 @@ class RecourseSolver:
         every mask was solved or skipped; a mask stopped by the time limit makes it
         ``time_limit``.
         """
-        f, clf = self.formulation, self.classifier
+        f = self.formulation
         enumerated = {k for mask in masks for k in mask}
         best: tuple[BackendResult, PersonContext] | None = None
         unfinished: BackendResult | None = None
         rounds, seconds = 0, 0.0
         ctx = None
+        memo: dict = {}  # the masks' contexts share this person's equation bounds
         for mask in masks:
             locked = dataclasses.replace(
                 constraints, locks=constraints.locks | (enumerated - set(mask))
             )
             ctx = f.context(
-                x, locked, noise=noise, cost_budget=budget, margin=margin, forced=free | set(mask)
+                x,
+                locked,
+                noise=noise,
+                cost_budget=budget,
+                margin=margin,
+                forced=free | set(mask),
+                memo=memo,
             )
             if not set(mask) <= set(ctx.intervention):
                 continue  # a feature of this mask has no value within the budget
-            if ctx.neuron_bounds[-1][1][0] < clf.logit_threshold + ctx.margin:
+            if f.proves_no_recourse(ctx):
                 continue  # proven: no action of this mask is valid within the budget
             outcome, r, sec = self._solve_with_cuts(ctx, deadline)
             rounds, seconds = rounds + r, seconds + sec
@@ -324,7 +345,8 @@ class RecourseSolver:
                 best is None or outcome.objective < best[0].objective  # type: ignore[operator]
             ):
                 best = (outcome, ctx)
-                budget = min(budget, outcome.objective * (1 + 1e-6) + 1e-9)
+                bound = outcome.objective * (1 + 1e-6) + 1e-9
+                budget = bound if budget is None else min(budget, bound)
         assert ctx is not None  # masks always holds at least the empty mask
         if best is None:
             if unfinished is not None:
@@ -351,6 +373,9 @@ class RecourseSolver:
         Every solve gets the time left until ``deadline``; when it runs out with cuts still
         violated, the answer is marked ``time_limit`` (its gap says how far it may be off).
         """
+        if self.formulation.proves_no_recourse(ctx):
+            proof = "the classifier's bounds exclude every accepted counterfactual"
+            return BackendResult(SolveStatus.INFEASIBLE, None, None, None, 0.0, proof), 0, 0.0
         milp = self.formulation.instantiate(ctx)
         rounds, seconds = 0, 0.0
         while True:
@@ -420,7 +445,23 @@ class RecourseSolver:
         Ties let a solver 'act' on a feature without changing it (cost 0); telling the
         person to do so would be noise.
         """
-        for k in np.flatnonzero(intervene):
+        acted = np.flatnonzero(intervene)
+        if len(acted) == 0:
+            return intervene
+        # Usually no intervention is a no-op: one batch (a row per acted feature, that
+        # feature left alone) says so; otherwise drop them one by one as before.
+        without = np.repeat(intervene[None, :], len(acted), axis=0)
+        without[np.arange(len(acted)), acted] = False
+        rows = len(acted)
+        natural = self.scm.propagate_counterfactual(
+            np.broadcast_to(x, (rows, len(x))),
+            without,
+            np.broadcast_to(values, (rows, len(x))),
+            np.broadcast_to(noise, (rows, len(x))),
+        )[np.arange(rows), acted]
+        if not np.any(np.abs(natural - values[acted]) <= 1e-9 * (1 + np.abs(values[acted]))):
+            return intervene
+        for k in acted:
             without = intervene.copy()
             without[k] = False
             natural = self.scm.propagate_counterfactual(

@@ -24,9 +24,14 @@ Rows, with ``n_j = g_j(x'_parents) + u_j`` the value j's equation gives:
   segments over the argument's interval) for sigmoid / exp / log / powers of reachable terms;
 - classifier, on standardized inputs (standardization folded into the coefficients):
   logistic regression ``w.x' + b >= logit(threshold) + margin``; a ReLU MLP neuron
-  ``z = W a_prev + b``, ``a = max(z, 0)`` with interval bounds [l, u] of z:
+  ``z = W a_prev + b``, ``a = max(z, 0)`` with bounds [l, u] of z:
   ``a >= z, a <= z - l (1 - s), a <= u s`` (Tjeng, Xiao and Tedrake, 2019); a neuron with
-  u <= 0 or l >= 0 is fixed by its bounds (the solver's presolve removes it);
+  u <= 0 or l >= 0 is fixed by its bounds (the solver's presolve removes it). The bounds
+  (DeepPoly back-substitution over the person's box and cost budget) need only hold for
+  counterfactuals the classifier accepts: outside [l, u] this encoding has no feasible
+  point, inside it is exact, so cutting the box by the half-space where the logit's
+  linear upper bound reaches the threshold (``Classifier.preactivation_bounds_affine``)
+  keeps every accepted counterfactual and leaves far fewer neurons unstable;
 - cost, with ``delta_k = x'_k - x^F_k``, ``W`` a big-M: L1 ``c_k >= +-a_k delta_k - W (1 -
   m_k)``; squared (carma) tangent cuts ``c_k >= a_k (2 t delta_k - t^2) - W (1 - m_k)`` at
   ``tangents`` points t spread over delta_k's range (an outer approximation: the engine
@@ -136,6 +141,10 @@ def _mul(a: Coef, b: Coef) -> Coef:
 def _pad(m: float) -> float:
     """A big-M constant: never negative, a hair larger than the interval says."""
     return max(0.0, m) * (1 + _PAD_REL) + _PAD_ABS
+
+
+def _finite(v: FloatArray) -> FloatArray:
+    return np.where(np.isfinite(v), v, 0.0)
 
 
 def _widen_low(v: float) -> float:
@@ -793,6 +802,7 @@ class RecourseFormulation:
         cost_budget: float | None = None,
         margin: float | None = None,
         forced: frozenset[str] = frozenset(),
+        memo: dict[tuple, tuple[float, float, dict[int, Interval]]] | None = None,
     ) -> PersonContext:
         """Intervals, ranges and neuron bounds for one person (the per-person numbers).
 
@@ -800,6 +810,8 @@ class RecourseFormulation:
         the box of changes that could still be cheaper (see the module docstring).
         ``forced``: features this solve acts on for sure (m_k fixed to 1); their value is the
         value set, within the intervention range, and they pay for their whole change.
+        ``memo``: a dict shared by the contexts of one person (same ``x`` and noise), which
+        then bound each equation once per distinct box of its parents.
         """
         scm = self.scm
         x = np.asarray(x, dtype=float)
@@ -814,9 +826,17 @@ class RecourseFormulation:
             if var.name not in reachable:
                 box[var.name] = (float(x[j]), float(x[j]))
                 continue
-            env: dict[str, Interval] = {p: box[p] for p in var.parents}
-            env[NOISE] = (float(noise[j]), float(noise[j]))
-            lo, hi = evaluate_interval(var.equation, env, nodes)
+            key = (j, *(box[p] for p in var.parents))
+            if memo is not None and key in memo:
+                lo, hi, equation_nodes = memo[key]
+            else:
+                env: dict[str, Interval] = {p: box[p] for p in var.parents}
+                env[NOISE] = (float(noise[j]), float(noise[j]))
+                equation_nodes = {}
+                lo, hi = evaluate_interval(var.equation, env, equation_nodes)
+                if memo is not None:
+                    memo[key] = (lo, hi, equation_nodes)
+            nodes.update(equation_nodes)
             self._bound_extra_nodes(nodes)
             natural[var.name] = (float(lo), float(hi))
             if var.name in forced and var.name in intervention:
@@ -838,7 +858,7 @@ class RecourseFormulation:
             margin=self.margin if margin is None else margin,
             forced=frozenset(forced) & frozenset(intervention),
         )
-        ctx.neuron_bounds = self._neuron_bounds(ctx)
+        ctx.neuron_bounds = self._neuron_bounds(ctx, memo)
         if self.cost.kind == "carma":
             for k in self.actionable:
                 j = scm.index[k]
@@ -846,16 +866,46 @@ class RecourseFormulation:
                 ctx.tangent_points[k] = np.linspace(lo - x[j], hi - x[j], self.tangents)
         return ctx
 
-    def _neuron_bounds(self, ctx: PersonContext) -> list[tuple[FloatArray, FloatArray]]:
+    def _neuron_bounds(
+        self, ctx: PersonContext, memo: dict | None = None
+    ) -> list[tuple[FloatArray, FloatArray]]:
         """Classifier bounds over this person's counterfactuals, inputs written as x = P y + q.
 
         y holds one coordinate per actionable feature and per non-actionable one whose
         equation is not affine, each within its box; affine non-actionable features are
-        expressed through their parents; features outside R are constants.
+        expressed through their parents; features outside R are constants. P and q depend
+        on the person only (coefficients read off features no action reaches): ``memo``
+        keeps them for the person's next contexts.
         """
+        free = [n for n in self.reachable if n not in self._affine_equations]
+        if memo is not None and "input_map" in memo:
+            P, q = memo["input_map"]
+        else:
+            P, q = self._input_map(ctx, free)
+            if memo is not None:
+                memo["input_map"] = (P, q)
+        lower = np.array([ctx.box[n][0] for n in free])
+        upper = np.array([ctx.box[n][1] for n in free])
+        linear_max = None
+        if ctx.cost_budget is not None:
+            linear_max = self._budget_maximum(ctx, free, lower, upper)
+        # The MILP only admits accepted counterfactuals (up to its feasibility tolerance),
+        # so the bounds need only hold for those.
+        accepted = self.classifier.logit_threshold + ctx.margin - 1e-7
+        bounds = self.classifier.preactivation_bounds_affine(
+            P, q, lower, upper, linear_max, logit_at_least=accepted
+        )
+        # Rounding must not make a set with accepted points look empty. Bounds of an empty
+        # set may be infinite (lower +inf, upper -inf): they stay so.
+        return [
+            (lo - _PAD_REL * (np.abs(_finite(lo)) + 1), hi + _PAD_REL * (np.abs(_finite(hi)) + 1))
+            for lo, hi in bounds
+        ]
+
+    def _input_map(self, ctx: PersonContext, free: list[str]) -> tuple[FloatArray, FloatArray]:
+        """P and q of :meth:`_neuron_bounds` for this person."""
         names = self.classifier.feature_names
         column_name = {col: name for name, col in self.x_col.items()}
-        free = [n for n in self.reachable if n not in self._affine_equations]
         rows: dict[str, tuple[FloatArray, float]] = {}
         for name in self.reachable:
             if name in self._affine_equations:
@@ -877,12 +927,17 @@ class RecourseFormulation:
                 P[i], q[i] = rows[name]
             else:
                 q[i] = ctx.box[name][0]
-        lower = np.array([ctx.box[n][0] for n in free])
-        upper = np.array([ctx.box[n][1] for n in free])
-        linear_max = None
-        if ctx.cost_budget is not None:
-            linear_max = self._budget_maximum(ctx, free, lower, upper)
-        return self.classifier.preactivation_bounds_affine(P, q, lower, upper, linear_max)
+        return P, q
+
+    def proves_no_recourse(self, ctx: PersonContext) -> bool:
+        """Whether the classifier bounds alone show that no counterfactual of this context
+        is accepted (the logit's upper bound is below the threshold, or some layer's
+        bounds cross), so that its MILP is infeasible."""
+        logit_upper = ctx.neuron_bounds[-1][1][0]
+        return bool(
+            logit_upper < self.classifier.logit_threshold + ctx.margin
+            or any(np.any(lo > hi) for lo, hi in ctx.neuron_bounds)
+        )
 
     def _budget_maximum(
         self, ctx: PersonContext, free: list[str], lower: FloatArray, upper: FloatArray
@@ -917,25 +972,31 @@ class RecourseFormulation:
             ]
         )
         budget = float(ctx.cost_budget or 0.0) * (1 + 1e-7) + 1e-9
-        room_up = np.where(roots, upper - factual, 0.0)
-        room_down = np.where(roots, factual - lower, 0.0)
+        # Split the coordinates once: the per-row work below is a few numpy calls, which
+        # matters for the many small contexts of one person (one per mask).
+        root, other = np.flatnonzero(roots), np.flatnonzero(~roots)
+        other_lower, other_upper = lower[other], upper[other]
+        root_factual, root_rate = factual[root], rate[root]
+        room_up, room_down = upper[root] - root_factual, root_factual - lower[root]
 
         def maximum(G: FloatArray) -> FloatArray:
-            others = np.where(roots, 0.0, np.maximum(G, 0) * upper + np.minimum(G, 0) * lower)
-            base = others.sum(axis=1) + (G * np.where(roots, factual, 0.0)).sum(axis=1)
-            room = np.where(G > 0, room_up, room_down) * roots
-            gain = np.abs(G) * roots
+            G_other, G_root = G[:, other], G[:, root]
+            base = (
+                np.maximum(G_other, 0) @ other_upper
+                + np.minimum(G_other, 0) @ other_lower
+                + G_root @ root_factual
+            )
+            room = np.where(G_root > 0, room_up, room_down)
+            gain = np.abs(G_root)
             if self.cost.kind == "carma":
                 box = (gain * room).sum(axis=1)
-                ball = np.sqrt(budget * (gain**2 / rate).sum(axis=1))
+                ball = np.sqrt(budget * (gain**2 / root_rate).sum(axis=1))
                 return base + np.minimum(box, ball)
             # Fractional knapsack: spend the budget on the best gain per unit of cost first.
-            order = np.argsort(-gain / rate, axis=1)
-            gain_sorted = np.take_along_axis(gain, order, axis=1)
-            room_sorted = np.take_along_axis(room, order, axis=1)
-            full_cost = room_sorted * np.take_along_axis(
-                np.broadcast_to(rate, G.shape), order, axis=1
-            )
+            order = np.argsort(-gain / root_rate, axis=1)
+            rows = np.arange(len(G))[:, None]
+            gain_sorted, room_sorted = gain[rows, order], room[rows, order]
+            full_cost = room_sorted * root_rate[order]
             spent_before = np.cumsum(full_cost, axis=1) - full_cost
             fraction = np.clip(
                 (budget - spent_before) / np.where(full_cost > 0, full_cost, 1.0), 0.0, 1.0

@@ -9,7 +9,6 @@ it gives the exact engine a cheap valid action whose cost bounds the search box.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,16 +94,26 @@ def grid_search_by_mask(
         grid = np.linspace(lo, hi, values_per_feature)
         if scm.variables[scm.index[name]].type is not VariableType.CONTINUOUS:
             grid = np.unique(np.round(grid))
-        options.append([np.nan, *grid])  # nan: leave the feature alone
+        options.append(np.concatenate([[np.nan], grid]))  # nan: leave the feature alone
     columns = [scm.index[name] for name in names]
     keyed = [scm.index[name] for name in enumerated if name in ranges]
     threshold = classifier.logit_threshold + logit_margin
     best: dict[frozenset[str], GridAction] = {}
     simulated = 0
-    for chunk in _chunks(itertools.product(*options), _CHUNK) if options else []:
-        table = np.array(chunk, dtype=float).reshape(len(chunk), len(names))
-        intervene = np.zeros((len(chunk), scm.num_features), dtype=bool)
-        values = np.zeros((len(chunk), scm.num_features))
+    sizes = [len(option) for option in options]
+    total = int(np.prod(sizes)) if options else 0
+    for first in range(0, total, _CHUNK):
+        # Rows in itertools.product's order (the first feature varies slowest), built
+        # from their flat index: the first of equally cheap actions wins, as before.
+        flat = np.arange(first, min(first + _CHUNK, total))
+        table = np.column_stack(
+            [
+                option[index]
+                for option, index in zip(options, np.unravel_index(flat, sizes), strict=True)
+            ]
+        )
+        intervene = np.zeros((len(table), scm.num_features), dtype=bool)
+        values = np.zeros((len(table), scm.num_features))
         intervene[:, columns] = ~np.isnan(table)
         values[:, columns] = np.nan_to_num(table)
         if constraints.max_changes is not None:
@@ -120,13 +129,11 @@ def grid_search_by_mask(
             mask = frozenset(scm.names[k] for k in keyed if intervene[i, k])
             found = GridAction(intervene[i].copy(), values[i].copy(), float(costs[i]), simulated)
             best[mask] = _better(best.get(mask), found)  # type: ignore[assignment]
-    if refine:
-        best = {
-            mask: _line_search(
-                scm, classifier, cost, x, noise, constraints, action, threshold, ranges
-            )
-            for mask, action in best.items()
-        }
+    if refine and best:
+        refined = _line_search(
+            scm, classifier, cost, x, noise, constraints, list(best.values()), threshold, ranges
+        )
+        best = dict(zip(best, refined, strict=True))
     return best
 
 
@@ -154,25 +161,6 @@ def _valid_costs(
     return np.where(valid, cost.cost(scm.names, x, intervene, values, constraints), np.inf)
 
 
-def _cheapest_valid(
-    scm: StructuralCausalModel,
-    classifier: Classifier,
-    cost: CostProfile,
-    x: FloatArray,
-    noise: FloatArray,
-    constraints: PersonConstraints,
-    intervene: BoolArray,
-    values: FloatArray,
-    threshold: float,
-    simulated: int,
-) -> GridAction | None:
-    costs = _valid_costs(scm, classifier, cost, x, noise, constraints, intervene, values, threshold)
-    if not np.isfinite(costs).any():
-        return None
-    i = int(np.argmin(costs))
-    return GridAction(intervene[i].copy(), values[i].copy(), float(costs[i]), simulated)
-
-
 def _line_search(
     scm: StructuralCausalModel,
     classifier: Classifier,
@@ -180,45 +168,54 @@ def _line_search(
     x: FloatArray,
     noise: FloatArray,
     constraints: PersonConstraints,
-    action: GridAction,
+    actions: list[GridAction],
     threshold: float,
     ranges: dict[str, tuple[float, float]],
-) -> GridAction:
-    """Shrink the action towards the factual row, and each feature alone, keeping validity."""
-    best = action
+) -> list[GridAction]:
+    """Shrink each action towards the factual row, and each feature alone, keeping validity.
+
+    The candidates of all actions are simulated in one batch per round.
+    """
+    best = list(actions)
     steps = np.linspace(0.0, 1.0, 33)
     for _ in range(2):
-        acted = np.flatnonzero(best.intervene)
-        # Scale all changes together, then each changed feature on its own.
-        directions = [acted, *([k] for k in acted)]
-        candidates = []
-        for features in directions:
-            values = np.repeat(best.values[None, :], len(steps), axis=0)
-            values[:, features] = x[features] + steps[:, None] * (
-                best.values[features] - x[features]
-            )
-            candidates.append(values)
-        values = np.concatenate(candidates)
-        intervene = np.repeat(best.intervene[None, :], len(values), axis=0)
-        for k in acted:
+        blocks = []
+        for action in best:
+            acted = np.flatnonzero(action.intervene)
+            # Scale all changes together, then each changed feature on its own: one row of
+            # `moves` per direction, the steps within it.
+            moves = np.zeros((1 + len(acted), len(x)), dtype=bool)
+            moves[0, acted] = True
+            moves[np.arange(1, 1 + len(acted)), acted] = True
+            scaled = x + steps[:, None] * (action.values - x)
+            values = np.where(moves[:, None, :], scaled, action.values).reshape(-1, len(x))
             # A person's range need not contain their current value: stay inside it.
-            lo, hi = ranges[scm.names[k]]
-            values[:, k] = np.clip(values[:, k], lo, hi)
-            if scm.variables[k].type is not VariableType.CONTINUOUS:
-                values[:, k] = np.round(values[:, k])
-        found = _cheapest_valid(
-            scm,
-            classifier,
-            cost,
-            x,
-            noise,
-            constraints,
-            intervene,
-            values,
-            threshold,
-            best.candidates + len(values),
+            lo, hi = np.array([ranges[scm.names[k]] for k in acted]).reshape(-1, 2).T
+            values[:, acted] = np.clip(values[:, acted], lo, hi)
+            whole = [k for k in acted if scm.variables[k].type is not VariableType.CONTINUOUS]
+            values[:, whole] = np.round(values[:, whole])
+            blocks.append((np.repeat(action.intervene[None, :], len(values), axis=0), values))
+        intervene = np.concatenate([block[0] for block in blocks])
+        values = np.concatenate([block[1] for block in blocks])
+        costs = _valid_costs(
+            scm, classifier, cost, x, noise, constraints, intervene, values, threshold
         )
-        best = _better(best, found)
+        start = 0
+        for position, (block, _) in enumerate(blocks):
+            end = start + len(block)
+            segment = costs[start:end]
+            if np.isfinite(segment).any():
+                i = start + int(np.argmin(segment))
+                found = GridAction(
+                    intervene[i].copy(),
+                    values[i].copy(),
+                    float(costs[i]),
+                    best[position].candidates + len(block),
+                )
+                best[position] = _better(best[position], found)  # type: ignore[assignment]
+            else:
+                best[position] = _better(best[position], None)  # type: ignore[assignment]
+            start = end
     return best
 
 
@@ -229,8 +226,3 @@ def _better(a: GridAction | None, b: GridAction | None) -> GridAction | None:
         return GridAction(a.intervene, a.values, a.cost, a.candidates)
     winner = b if b.cost < a.cost else a
     return GridAction(winner.intervene, winner.values, winner.cost, max(a.candidates, b.candidates))
-
-
-def _chunks(iterable: itertools.product, size: int):  # type: ignore[type-arg]
-    while chunk := list(itertools.islice(iterable, size)):
-        yield chunk

@@ -1,13 +1,17 @@
 """HiGHS through highspy: the default backend.
 
-One ``Highs`` object per backend instance. When the next program has the same
+One ``Highs`` object per backend instance for MIPs. When the next program has the same
 ``pattern_key`` (same person-independent structure), only the numbers that changed are
 passed: column and row bounds, costs, and the coefficients whose value moved. HiGHS
-presolve then removes what the new bounds fix (stable neurons, locked features).
+presolve then removes what the new bounds fix (stable neurons, locked features). A
+program whose integer columns are all fixed by their bounds but for a few binaries is
+solved as one LP per assignment of those, by a second ``Highs`` object that gets each
+program whole (so that its answer does not depend on the programs solved before).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Any
@@ -55,8 +59,19 @@ _HEURISTICS_OFF = {
     "mip_heuristic_run_root_reduced_cost": False,
 }
 # Restarting the search after root presolve reductions cost 30% in total on ReLU
-# classifiers (benchmarks/RESULTS.md) and did not help the small linear ones.
-_SEARCH = {"mip_allow_restart": False}
+# classifiers (benchmarks/RESULTS.md) and did not help the small linear ones. Presolving
+# again below the root spent most of a ReLU mask MILP's time for nothing: root-only
+# presolve cut the median HiGHS time per Loan-MLP person 116 -> 70 ms (43 captured mask
+# MILPs, same optima and infeasibilities); no change on Loan-LR.
+_SEARCH = {"mip_allow_restart": False, "mip_root_presolve_only": True}
+
+
+# A program whose integer columns are all fixed by their bounds but for at most this many
+# binaries is solved as one LP per assignment of those binaries (exact: the best
+# assignment is the optimum). The MIP machinery costs a few milliseconds even then
+# (presolve, cut separation): Loan-MLP mask MILPs with at most 3 free binaries took a
+# median 5.1 ms as a MIP and 2.3 ms as LPs, with the same optima to 1e-8.
+_ENUMERATED_BINARIES = 3
 
 
 class HighsBackend(Backend):
@@ -67,17 +82,23 @@ class HighsBackend(Backend):
     def __init__(self, heuristics: bool = False) -> None:
         if highspy is None:
             raise RuntimeError("highspy is not installed: pip install highspy")
-        self._highs = highspy.Highs()
+        mip = highspy.Highs()
         # The process-wide scheduler keeps the first thread count it sees: set 1 first.
-        self._highs.setOptionValue("threads", 1)
-        self._highs.setOptionValue("output_flag", False)
+        mip.setOptionValue("threads", 1)
+        mip.setOptionValue("output_flag", False)
         for option, value in _SEARCH.items():
-            self._highs.setOptionValue(option, value)
+            mip.setOptionValue(option, value)
         if not heuristics:
             for option, value in _HEURISTICS_OFF.items():
-                self._highs.setOptionValue(option, value)
-        self._loaded: NumericMILP | None = None
-        self._entry_rows: np.ndarray | None = None
+                mip.setOptionValue(option, value)
+        self._mip = _KeptModel(mip, relaxed=False)
+        lp = highspy.Highs()
+        lp.setOptionValue("threads", 1)
+        lp.setOptionValue("output_flag", False)
+        # The LPs of one program differ in a few bounds: the last basis beats a presolve.
+        lp.setOptionValue("presolve", "off")
+        self._lp = _KeptModel(lp, relaxed=True)
+        self._settings: tuple[float, ...] | None = None
 
     @classmethod
     def available(cls) -> bool:
@@ -91,13 +112,14 @@ class HighsBackend(Backend):
         return f"{h.versionMajor()}.{h.versionMinor()}.{h.versionPatch()}"
 
     def solve(self, milp: NumericMILP, settings: SolverSettings) -> BackendResult:
-        h = self._highs
-        h.setOptionValue("threads", settings.threads)
-        h.setOptionValue("time_limit", float(settings.time_limit))
-        h.setOptionValue("mip_rel_gap", settings.mip_rel_gap)
-        h.setOptionValue("mip_abs_gap", settings.mip_abs_gap)
-        h.setOptionValue("mip_feasibility_tolerance", settings.feasibility_tolerance)
-        self._load(milp)
+        self._apply(settings)
+        free = self._free_binaries(milp)
+        if free is not None:
+            result = self._solve_by_enumeration(milp, free)
+            if result is not None:
+                return result
+        h = self._mip.highs
+        self._mip.load(milp)
         start = time.perf_counter()
         h.run()
         runtime = time.perf_counter() - start
@@ -122,11 +144,90 @@ class HighsBackend(Backend):
             bound = float(info.mip_dual_bound)
         return BackendResult(status, solution, objective, bound, runtime, status_name)
 
-    def _load(self, milp: NumericMILP) -> None:
-        h = self._highs
-        previous = self._loaded
+    def _apply(self, settings: SolverSettings) -> None:
+        for h in (self._mip.highs, self._lp.highs):
+            h.setOptionValue("time_limit", float(settings.time_limit))
+        rest = (
+            settings.threads,
+            settings.mip_rel_gap,
+            settings.mip_abs_gap,
+            settings.feasibility_tolerance,
+        )
+        if rest == self._settings:  # the same for every solve of one engine
+            return
+        mip, lp = self._mip.highs, self._lp.highs
+        mip.setOptionValue("threads", settings.threads)
+        mip.setOptionValue("mip_rel_gap", settings.mip_rel_gap)
+        mip.setOptionValue("mip_abs_gap", settings.mip_abs_gap)
+        mip.setOptionValue("mip_feasibility_tolerance", settings.feasibility_tolerance)
+        # The LPs are held to the MIP's feasibility tolerance, and optimal as tightly.
+        lp.setOptionValue("primal_feasibility_tolerance", settings.feasibility_tolerance)
+        lp.setOptionValue("dual_feasibility_tolerance", settings.feasibility_tolerance)
+        self._settings = rest
+
+    @staticmethod
+    def _free_binaries(milp: NumericMILP) -> np.ndarray | None:
+        """The integer columns not fixed by their bounds, when they are few binaries whose
+        fixed companions hold whole numbers; None otherwise."""
+        lower, upper = milp.col_lower[milp.integer], milp.col_upper[milp.integer]
+        free = lower < upper
+        if np.count_nonzero(free) > _ENUMERATED_BINARIES:
+            return None
+        if not (np.all(lower[free] == 0.0) and np.all(upper[free] == 1.0)):
+            return None
+        if not np.all(lower[~free] == np.round(lower[~free])):
+            return None
+        return np.flatnonzero(milp.integer)[free].astype(np.int32)
+
+    def _solve_by_enumeration(self, milp: NumericMILP, free: np.ndarray) -> BackendResult | None:
+        """The best of one LP per assignment of the ``free`` binaries; None (solve it as a
+        MIP) when an LP ends other than optimal or infeasible (a time limit, say)."""
+        h = self._lp.highs
+        # Passed whole, with no basis: with ties, the vertex returned must not depend on
+        # which program was solved before (labels are the same however they are chunked).
+        self._lp.pass_model(milp)
+        best: tuple[float, np.ndarray] | None = None
+        runtime = 0.0
+        for assignment in itertools.product((0.0, 1.0), repeat=len(free)):
+            if len(free):
+                fixed = np.array(assignment)
+                h.changeColsBounds(len(free), free, fixed, fixed)
+            start = time.perf_counter()
+            h.run()
+            runtime += time.perf_counter() - start
+            status_name = h.getModelStatus().name
+            if status_name in ("kInfeasible", "kUnboundedOrInfeasible"):
+                continue
+            if status_name != "kOptimal":
+                return None
+            objective = float(h.getInfo().objective_function_value)
+            if best is None or objective < best[0]:
+                solution = np.array(h.getSolution().col_value)
+                solution[free] = assignment
+                best = (objective, solution)
+        if best is None:
+            return BackendResult(SolveStatus.INFEASIBLE, None, None, None, runtime, "kInfeasible")
+        objective, solution = best
+        return BackendResult(
+            SolveStatus.OPTIMAL, solution, objective, objective, runtime, "kOptimal"
+        )
+
+
+class _KeptModel:
+    """One Highs object and the program it holds: :meth:`load` passes a program with the
+    same ``pattern_key`` as the last one by its bounds, costs and changed coefficients
+    only. ``relaxed``: every column continuous (the enumeration's LPs)."""
+
+    def __init__(self, highs: Any, relaxed: bool) -> None:
+        self.highs, self.relaxed = highs, relaxed
+        self.loaded: NumericMILP | None = None
+        self.entry_rows: np.ndarray | None = None
+
+    def load(self, milp: NumericMILP) -> None:
+        h = self.highs
+        previous = self.loaded
         if previous is None or previous.pattern_key != milp.pattern_key or not milp.pattern_key:
-            self._pass_model(milp)
+            self.pass_model(milp)
             return
         cols = np.arange(milp.num_cols, dtype=np.int32)
         h.changeColsBounds(milp.num_cols, cols, milp.col_lower, milp.col_upper)
@@ -134,15 +235,15 @@ class HighsBackend(Backend):
         rows = np.arange(milp.num_rows, dtype=np.int32)
         h.changeRowsBounds(milp.num_rows, rows, milp.row_lower, milp.row_upper)
         changed = np.flatnonzero(milp.values != previous.values)
-        assert self._entry_rows is not None
+        assert self.entry_rows is not None
         for entry in changed:
             h.changeCoeff(
-                int(self._entry_rows[entry]), int(milp.col_index[entry]), float(milp.values[entry])
+                int(self.entry_rows[entry]), int(milp.col_index[entry]), float(milp.values[entry])
             )
-        self._loaded = milp
+        self.loaded = milp
 
-    def _pass_model(self, milp: NumericMILP) -> None:
-        h = self._highs
+    def pass_model(self, milp: NumericMILP) -> None:
+        h = self.highs
         h.clearModel()
         lp: Any = highspy.HighsLp()
         lp.num_col_ = milp.num_cols
@@ -157,12 +258,13 @@ class HighsBackend(Backend):
         lp.a_matrix_.start_ = milp.row_start.astype(np.int32)
         lp.a_matrix_.index_ = milp.col_index.astype(np.int32)
         lp.a_matrix_.value_ = milp.values
-        lp.integrality_ = [
-            highspy.HighsVarType.kInteger if flag else highspy.HighsVarType.kContinuous
-            for flag in milp.integer
-        ]
+        if not self.relaxed:
+            lp.integrality_ = [
+                highspy.HighsVarType.kInteger if flag else highspy.HighsVarType.kContinuous
+                for flag in milp.integer
+            ]
         h.passModel(lp)
-        self._loaded = milp
-        self._entry_rows = np.repeat(np.arange(milp.num_rows), np.diff(milp.row_start)).astype(
+        self.loaded = milp
+        self.entry_rows = np.repeat(np.arange(milp.num_rows), np.diff(milp.row_start)).astype(
             np.int64
         )
