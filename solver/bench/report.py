@@ -89,8 +89,14 @@ def _header(outcome: BenchOutcome, command: str) -> list[str]:
         f"{config['seed']}; amortizer training labels from seed {config['seed'] + 1}.",
         f"- carma-mip {run['package_version']}; {versions}.",
         f"- Machine: {run['machine']}; {run['jobs']} worker process(es); run on "
-        f"{run['date']}, {run['seconds']} s in all (tables reused from an earlier, "
-        f"interrupted run count only the time spent now).",
+        f"{run['date']}, {run['seconds']} s in all"
+        + (
+            " (every label table was reused from an earlier run of this command: this is "
+            "the time of training, the amortizer, the measures and the report only)."
+            if not any(r["solved_now"] for r in run["labels"])
+            else " (label tables reused from an earlier, interrupted run count only the "
+            "time spent now)."
+        ),
         f"- Configuration: `{json.dumps(config, sort_keys=True)}`",
         "- Label tables (resumable, under the work folder):",
         labels,
@@ -111,8 +117,9 @@ def _header(outcome: BenchOutcome, command: str) -> list[str]:
         "rejects once the causal model responds; cost, cost ratio to the exact optimum, "
         "features changed and plausibility over valid answers only (cost ratios where the "
         "optimum is at least 1e-6); *below optimum* = share of "
-        "valid answers cheaper than the exact optimum, possible only where the MILP "
-        "interpolates a non-linear equation (its optimum is then the interpolated model's). "
+        "valid answers cheaper than the exact optimum's proven lower bound, possible only "
+        "where the MILP interpolates a non-linear equation (its optimum is then the "
+        "interpolated model's). "
         "Plausibility: mean local "
         "outlier factor against 5,000 people sampled from the causal model (about 1 for an "
         "inlier), and the share of counterfactuals whose implied noise is less likely than "
@@ -523,7 +530,9 @@ def _figures(
     name = f"time_{cost}.png"
     fig, ax = plt.subplots(figsize=(7, 3.5))
     bars = {
-        method: float(np.nanmedian(summary[summary["method"] == method]["ms_per_person"]))
+        method + (" (batched)" if method.startswith("amortizer") else ""): float(
+            np.nanmedian(summary[summary["method"] == method]["ms_per_person"])
+        )
         for method in methods
     }
     bars["amortizer (batch 1)"] = float(np.median(timings["us_per_person_batch1"])) / 1e3
