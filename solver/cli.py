@@ -1454,7 +1454,11 @@ def label(
         "chunk_size": chunk_size,
         "out": str(out),
     }
-    try:
+    resume = (
+        f"Interrupted. Finished chunks are kept in '{out}.parts'; run the same command again "
+        f"to finish the job."
+    )
+    with _pipeline_errors(ctx, resume):
         job = LabelJob(dataset, classifier, scheme, cost, seed, backend, time_limit, method)
         scm = load_scm(dataset)
         model = load_classifier(dataset, classifier)
@@ -1476,19 +1480,6 @@ def label(
                 progress=progress,
                 arguments=arguments,
             )
-    except (LabelInputError, ElicitationError, ModelFileError, ClassifierFileError) as exc:
-        raise InputError(str(exc)) from None
-    except OutputConflictError as exc:
-        raise OutputConflict(str(exc)) from None
-    except (LabelRunError, BackendUnavailableError) as exc:
-        raise SolverFailure(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo(
-            f"Interrupted. Finished chunks are kept in '{out}.parts'; run the same command "
-            f"again to finish the job.",
-            err=True,
-        )
-        ctx.exit(130)
     if summary.already_complete:
         click.echo(f"{out} is already complete ({summary.people} people); nothing to do.")
         return
@@ -1497,6 +1488,31 @@ def label(
         f"wrote {summary.people} labels to {out} ({statuses}); {summary.labelled_now} solved "
         f"by this run in {summary.seconds:.1f} s"
     )
+
+
+@contextlib.contextmanager
+def _pipeline_errors(ctx: click.Context, interrupted: str) -> Iterator[None]:
+    """The label pipeline's failures as exit codes: bad input 2, another job's output 7,
+    a dead worker or missing backend 4; an interruption prints ``interrupted`` and exits
+    130 (what finished is kept)."""
+    try:
+        yield
+    except (
+        LabelInputError,
+        BenchInputError,
+        ElicitationError,
+        ModelFileError,
+        ClassifierFileError,
+        AmortizerFileError,
+    ) as exc:
+        raise InputError(str(exc)) from None
+    except OutputConflictError as exc:
+        raise OutputConflict(str(exc)) from None
+    except (LabelRunError, BackendUnavailableError) as exc:
+        raise SolverFailure(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo(interrupted, err=True)
+        ctx.exit(130)
 
 
 # -- train -------------------------------------------------------------------------------
@@ -1639,7 +1655,11 @@ def bench(
     other arguments, 130 when interrupted.
     """
     work = work if work is not None else out / "work"
-    try:
+    resume = (
+        f"Interrupted. Finished label tables and chunks are kept in '{work}'; run the same "
+        f"command again to resume."
+    )
+    with _pipeline_errors(ctx, resume):
         config = BenchConfig(
             dataset=dataset,
             classifier=classifier,
@@ -1656,19 +1676,6 @@ def bench(
         with _stdout_to_stderr():
             outcome = run_bench(config, work, jobs=jobs, progress=progress)
         report = write_report(outcome, out, "recourse bench " + " ".join(sys.argv[2:]))
-    except (BenchInputError, LabelInputError, ElicitationError, AmortizerFileError) as exc:
-        raise InputError(str(exc)) from None
-    except OutputConflictError as exc:
-        raise OutputConflict(str(exc)) from None
-    except (LabelRunError, BackendUnavailableError) as exc:
-        raise SolverFailure(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo(
-            f"Interrupted. Finished label tables and chunks are kept in '{work}'; run the "
-            f"same command again to resume.",
-            err=True,
-        )
-        ctx.exit(130)
     click.echo(f"wrote {report} ({outcome.run['seconds']} s)")
 
 
