@@ -466,8 +466,9 @@ class RecourseSolver:
         # One propagation per batch of candidates, not one per acted feature: row i leaves
         # candidate i alone under the current interventions. Scanning the rows in column
         # order and dropping each no-op replays the feature-by-feature scan exactly until a
-        # candidate descends from a feature dropped in this batch (its natural value moved
-        # by up to the tolerance): the next batch starts there.
+        # candidate descends from a feature dropped in this batch whose natural value is
+        # not exactly the value set (so the candidate's natural value may have moved by up
+        # to the tolerance): the next batch starts there.
         candidates = np.flatnonzero(intervene)
         while len(candidates):
             rows = len(candidates)
@@ -490,7 +491,8 @@ class RecourseSolver:
                     break
                 if no_op[i]:
                     intervene[k] = False
-                    dropped[k] = True
+                    # Left to its equation at exactly the value set, k changes nothing.
+                    dropped[k] = natural[i] != target[i]
             candidates = candidates[restart:]
         return intervene
 
