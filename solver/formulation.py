@@ -318,6 +318,18 @@ class RecourseFormulation:
         self.template = MILPTemplate()
         self._build()
         self.template.freeze()
+        # The coordinates y of the classifier bounds' input map (see _neuron_bounds), their
+        # columns in x, and which of them no action reaches but by acting on them.
+        self._free = [n for n in self.reachable if n not in self._affine_equations]
+        self._free_columns = np.array([scm.index[n] for n in self._free], dtype=np.int64)
+        reachable = set(self.reachable)
+        self._free_roots = np.array(
+            [
+                n in self.actionable and not set(scm.variables[scm.index[n]].parents) & reachable
+                for n in self._free
+            ],
+            dtype=bool,
+        )
 
     # -- per model ---------------------------------------------------------------------
 
@@ -877,7 +889,7 @@ class RecourseFormulation:
         on the person only (coefficients read off features no action reaches): ``memo``
         keeps them for the person's next contexts.
         """
-        free = [n for n in self.reachable if n not in self._affine_equations]
+        free = self._free
         if memo is not None and "input_map" in memo:
             P, q = memo["input_map"]
         else:
@@ -951,20 +963,14 @@ class RecourseFormulation:
         ``sum_k a_k delta_k^2 <= C0`` (an ellipsoid, and the box). Other coordinates keep
         their box.
         """
-        reachable = set(self.reachable)
+        factual = ctx.x[self._free_columns]
         # A feature acted on for sure (forced) also pays for its whole change; the knapsack
         # below starts from the factual value, so that value must lie in its box.
-        roots = np.array(
-            [
-                (name in ctx.forced and lo <= ctx.x[self.scm.index[name]] <= hi)
-                or (
-                    name in self.actionable
-                    and not set(self.scm.variables[self.scm.index[name]].parents) & reachable
-                )
-                for name, lo, hi in zip(free, lower, upper, strict=True)
-            ]
+        roots = self._free_roots | (
+            np.array([name in ctx.forced for name in free], dtype=bool)
+            & (lower <= factual)
+            & (factual <= upper)
         )
-        factual = np.array([ctx.x[self.scm.index[n]] for n in free])
         rate = np.array(
             [
                 self.cost.coefficient(n, ctx.constraints.weight(n)) if root else 1.0

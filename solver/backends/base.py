@@ -15,6 +15,9 @@ class Backend(abc.ABC):
     """A MILP solver. One instance per process; it may cache a model between solves."""
 
     name: str = ""
+    enumerated_binaries: int = 0
+    """A program with at most this many free binaries is solved as one LP per assignment
+    (cheap next to a MIP's fixed costs): the engine may then leave such choices to it."""
 
     @classmethod
     @abc.abstractmethod

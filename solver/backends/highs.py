@@ -78,6 +78,7 @@ class HighsBackend(Backend):
     """HiGHS MIP solver, one thread, gaps 0, model kept between solves of one pattern."""
 
     name = "highs"
+    enumerated_binaries = _ENUMERATED_BINARIES
 
     def __init__(self, heuristics: bool = False) -> None:
         if highspy is None:
