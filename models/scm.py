@@ -348,6 +348,13 @@ class StructuralCausalModel:
                 reached.add(var.name)
         return reached
 
+    def ancestor_matrix(self) -> BoolArray:
+        """(features, features): entry [k, a] is true when a is a proper ancestor of k."""
+        return np.array(
+            [[k in self.descendants([a]) - {a} for a in self.names] for k in self.names],
+            dtype=bool,
+        )
+
     def content_hash(self) -> str:
         """SHA-256 of the canonical document and variant: identifies the model in metadata."""
         canonical = json.dumps(

@@ -622,10 +622,8 @@ def _top_chances(logits: FloatArray, count: int) -> FloatArray:
 def _actionable_ancestors(scm: StructuralCausalModel) -> BoolArray:
     """(K, K): entry [k, a] is true when actionable feature a is an ancestor of k; a
     feature with any such ancestor can be held (kept at its value while they move)."""
-    actionable = scm.actionable
-    return np.array(
-        [[k in scm.descendants([a]) - {a} for a in actionable] for k in actionable], dtype=bool
-    )
+    columns = [scm.index[name] for name in scm.actionable]
+    return scm.ancestor_matrix()[np.ix_(columns, columns)]
 
 
 def _row(scm: StructuralCausalModel, x: FloatArray) -> dict[str, float]:

@@ -93,10 +93,8 @@ class RecourseSolver:
                 self.grid_values = 9 if deep else 5
             else:
                 self.grid_values = 7 if deep else 0
-        # Row k: the features k descends from (for dropping no-op interventions).
-        self._ancestors = np.array(
-            [[a != k and k in scm.descendants([a]) for a in scm.names] for k in scm.names]
-        )
+        # For dropping no-op interventions: row k holds the features k descends from.
+        self._ancestors = scm.ancestor_matrix()
         self.backend = create_backend(backend)
         self.backend_version = backend_class(backend).version()
 

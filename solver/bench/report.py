@@ -282,7 +282,8 @@ def _finding_hard(people: pd.DataFrame, schemes: Sequence[str], bootstrap: Boots
         return [title + " Not tested: needs the `universal` and `hard` schemes.", ""]
     lines = [title, ""]
     verdicts = []
-    for method in ("exact", "amortizer", "amortizer + repair"):
+    methods = ("exact", "amortizer", "amortizer + repair")
+    for method in methods:
         validity = _diff(people, "hard", "universal", method, "valid", bootstrap)
         lof = _diff(people, "hard", "universal", method, "lof", bootstrap)
         noise = _diff(people, "hard", "universal", method, "implausible_noise", bootstrap)
@@ -304,7 +305,6 @@ def _finding_hard(people: pd.DataFrame, schemes: Sequence[str], bootstrap: Boots
     feasible = _diff(people, "hard", "universal", "exact", "feasible", bootstrap)
     lines.append(f"- feasibility (exact), hard minus universal: {feasible.text(1, True)}.")
     lines.append("")
-    methods = ("exact", "amortizer", "amortizer + repair")
     lower = [m for m, (_, p) in zip(methods, verdicts, strict=True) if p]
     if not all(v for v, _ in verdicts):
         lines.append("**Does not hold** on this data for validity; see the rows above.")

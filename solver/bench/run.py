@@ -185,6 +185,8 @@ class _Stage:
         self.work, self.jobs, self.progress, self.log = work, jobs, progress, log
         self.work.mkdir(parents=True, exist_ok=True)
         self._tables: dict[str, pd.DataFrame] = {}
+        self._people: dict[str, _People] = {}
+        """Per reported scheme: its exact table's people, parsed once for every method."""
 
     def label(
         self, scheme: str, method: str, n: int, seed: int, name: str, record: list[dict[str, Any]]
@@ -225,7 +227,8 @@ class _Stage:
         frames = []
         for scheme in config.schemes:
             table = self._tables[scheme]
-            x, arrays = self._people(table)
+            known = self._people[scheme] = _People.of(table, self.scm)
+            x, arrays = known.x, known.arrays
             methods = {"exact": table, "exact-universal": universal}
             if config.n_baseline:
                 for method in ("grid-oracle", "non-causal"):
@@ -289,8 +292,8 @@ class _Stage:
         frames, timings = [], []
         for scheme in config.schemes:
             table = self._tables[scheme]
-            x, arrays = self._people(table)
-            people = _constraints(table, self.scm)
+            known = self._people[scheme]
+            x, people, arrays = known.x, known.constraints, known.arrays
             batch = solver.predict(x, arrays)
             each = batch.seconds / len(x)
             single = [
@@ -337,10 +340,6 @@ class _Stage:
                 frames.append(framed)
         return frames, timings
 
-    def _people(self, table: pd.DataFrame) -> tuple[np.ndarray, ConstraintArrays]:
-        x = table[[f"factual.{n}" for n in self.scm.names]].to_numpy(dtype=float)
-        return x, ConstraintArrays.from_constraints(self.scm, x, _constraints(table, self.scm))
-
     def _framed(
         self,
         frame: pd.DataFrame,
@@ -377,11 +376,22 @@ class _Stage:
         return frame
 
 
-def _constraints(table: pd.DataFrame, scm: StructuralCausalModel) -> list[PersonConstraints]:
-    return [
-        parse_constraints(json.loads(raw), scm, who=f"person {pid}")
-        for raw, pid in zip(table["constraints"], table["person_id"], strict=True)
-    ]
+@dataclass(frozen=True, eq=False)
+class _People:
+    """A label table's people: factual rows and constraints, as objects and as arrays."""
+
+    x: np.ndarray
+    constraints: list[PersonConstraints]
+    arrays: ConstraintArrays
+
+    @classmethod
+    def of(cls, table: pd.DataFrame, scm: StructuralCausalModel) -> _People:
+        x = table[[f"factual.{n}" for n in scm.names]].to_numpy(dtype=float)
+        constraints = [
+            parse_constraints(json.loads(raw), scm, who=f"person {pid}")
+            for raw, pid in zip(table["constraints"], table["person_id"], strict=True)
+        ]
+        return cls(x, constraints, ConstraintArrays.from_constraints(scm, x, constraints))
 
 
 def _replaced(array: np.ndarray, rows: np.ndarray, values: np.ndarray) -> np.ndarray:
