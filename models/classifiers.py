@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ FloatArray = npt.NDArray[np.float64]
 SCHEMA_VERSION = 1
 # scikit-learn can leave denormal weights (1e-221) that upset MILP solvers' tolerances.
 _NEGLIGIBLE_WEIGHT = 1e-12
+# Rows per block of a large batch in the forward pass: a block's hidden activations (512 KiB
+# for 32 neurons) stay in cache; a whole batch's arrive as fresh pages, and the page faults
+# cost more than the arithmetic. Each row's arithmetic is the same, so are the bits.
+_BLOCK_ROWS = 2048
 
 
 class ClassifierFileError(ValueError):
@@ -63,11 +68,26 @@ class Classifier:
 
     def logit(self, x: FloatArray) -> FloatArray:
         """Logits of rows ``x`` (features in :attr:`feature_names` order)."""
-        a = (np.atleast_2d(x) - self.mean) / self.scale
+        x = np.atleast_2d(x)
+        if len(x) <= _BLOCK_ROWS:
+            return self._logit_rows(x)
+        logits = np.empty(len(x))
+        for rows in row_blocks(len(x), _BLOCK_ROWS):
+            logits[rows] = self._logit_rows(x[rows])
+        return logits
+
+    def _logit_rows(self, x: FloatArray) -> FloatArray:
+        # The bits of ``max(a @ W + b, 0)`` layer by layer, in place on the pass's own
+        # arrays (fewer temporaries). np.dot calls the same BLAS product as ``@`` with a
+        # third of its overhead on a few rows.
+        a = np.subtract(x, self.mean)
+        a /= self.scale
         for layer in self.layers[:-1]:
-            a = np.maximum(a @ layer.weights + layer.bias, 0.0)
+            a = np.dot(a, layer.weights)
+            a += layer.bias
+            np.maximum(a, 0.0, out=a)
         last = self.layers[-1]
-        return (a @ last.weights + last.bias)[:, 0]
+        return np.dot(a, last.weights)[:, 0] + last.bias
 
     def probability(self, x: FloatArray) -> FloatArray:
         return np.asarray(sigmoid(self.logit(x)))
@@ -298,6 +318,21 @@ class Classifier:
                 f"The classifier reads features {list(self.feature_names)}, but the causal model "
                 f"has {list(names)}; they must match in name and order."
             )
+
+
+def row_blocks(n: int, size: int) -> list[slice]:
+    """Blocks of ``size`` rows covering ``n`` rows, the rest last; a rest of one row joins
+    the block before it.
+
+    Evaluated block by block, a forward pass gives every row the bits of one pass over all
+    rows, when ``size`` is a multiple of any tile height: BLAS computes a row's product with
+    other bits in a last, partial tile of rows than in a whole one, and with others again
+    for a single row (a matrix-vector product).
+    """
+    ends = [*range(0, n, size), n]
+    if len(ends) > 2 and ends[-1] - ends[-2] == 1:
+        del ends[-2]
+    return [slice(start, stop) for start, stop in itertools.pairwise(ends)]
 
 
 def _array(value: Any, where: str, shape: tuple[int, ...] | None) -> FloatArray:

@@ -18,6 +18,7 @@ parents moved cost nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -116,16 +117,39 @@ class CostProfile:
         constraints: ConstraintArrays,
     ) -> FloatArray:
         """Cost of one action per person: row i of every array is person i."""
-        columns = [names.index(name) for name in self.actionable]
+        columns = self._columns(names)
         acted = intervene[:, columns]
         delta = np.where(acted, values[:, columns] - x_factual[:, columns], 0.0)
-        scale = np.array([self.scale[name] for name in self.actionable])
-        weight = constraints.weight
-        if self.kind == "l1":
-            per_feature = weight / scale * np.abs(delta)
-        else:
-            ranges = np.array([self.range_in_sd[name] for name in self.actionable])
-            per_feature = weight / (len(self.actionable) * scale**2 * ranges) * np.square(delta)
-        beyond = np.maximum(0.0, np.abs(delta) - constraints.soft_limit)
-        per_feature = per_feature + self.sparsity + constraints.soft_penalty * beyond
+        # In place on this call's own arrays, in the order of the formula (same bits):
+        # weight / scale * |delta| (l1), weight / (K scale^2 range) * delta^2 (carma), plus
+        # the sparsity and the soft limits' penalty.
+        per_feature = np.divide(constraints.weight, self._denominators)
+        per_feature *= np.abs(delta) if self.kind == "l1" else np.square(delta)
+        beyond = np.abs(delta)
+        beyond -= constraints.soft_limit
+        np.maximum(0.0, beyond, out=beyond)
+        beyond *= constraints.soft_penalty
+        per_feature += self.sparsity
+        per_feature += beyond
         return np.where(acted, per_feature, 0.0).sum(axis=1)
+
+    def _columns(self, names: tuple[str, ...]) -> npt.NDArray[np.intp]:
+        """The columns of the actionable features among ``names`` (cached per ``names``)."""
+        columns = self._columns_by_names.get(names)
+        if columns is None:
+            columns = np.array([names.index(name) for name in self.actionable], dtype=np.intp)
+            self._columns_by_names[names] = columns
+        return columns
+
+    @functools.cached_property
+    def _columns_by_names(self) -> dict[tuple[str, ...], npt.NDArray[np.intp]]:
+        return {}
+
+    @functools.cached_property
+    def _denominators(self) -> FloatArray:
+        """Per actionable feature, what a person's weight is divided by in :meth:`costs`."""
+        scale = np.array([self.scale[name] for name in self.actionable])
+        if self.kind == "l1":
+            return scale
+        ranges = np.array([self.range_in_sd[name] for name in self.actionable])
+        return len(self.actionable) * scale**2 * ranges
