@@ -177,15 +177,19 @@ def to_text(expr: Expr) -> str:
 # Numeric evaluation (vectorized)
 
 
+# Constants as 0-d arrays: a ufunc converts a Python float operand on every call.
+_ZERO, _ONE, _MINUS_ONE = np.array(0.0), np.array(1.0), np.array(-1.0)
+
+
 def sigmoid(x: ArrayLike) -> ArrayLike:
     # Written with exp of a non-positive number only, so it never overflows: 1 / (1 + e) for
     # x >= 0 and e / (1 + e) below, e = exp(-|x|). The numerator is max(e, x >= 0): 1 where
     # x >= 0 (e <= 1 there), else e (nan stays nan). The same bits as selecting it with
     # np.where, several times faster on many rows (no branch per element).
     x = np.asarray(x, dtype=float)
-    e = np.exp(np.copysign(x, -1.0))
-    numerator = np.maximum(e, x >= 0)
-    numerator /= 1.0 + e
+    e = np.exp(np.copysign(x, _MINUS_ONE))
+    numerator = np.maximum(e, np.greater_equal(x, _ZERO))
+    numerator /= np.add(_ONE, e)
     return np.asarray(numerator)
 
 
@@ -196,12 +200,12 @@ def logit(p: ArrayLike) -> ArrayLike:
 
 
 def _log_odds(p: ArrayLike) -> ArrayLike:
-    return np.log(p) - np.log1p(-p)
+    return np.subtract(np.log(p), np.log1p(np.negative(p)))
 
 
 _UNARY: dict[str, Callable[[ArrayLike], ArrayLike]] = {
     "abs": np.abs,
-    "indicator": lambda x: (np.asarray(x) >= 0).astype(float),
+    "indicator": lambda x: np.greater_equal(x, _ZERO).astype(float),
     "sigmoid": sigmoid,
     "exp": np.exp,
     "log": np.log,

@@ -342,6 +342,12 @@ class StructuralCausalModel:
         return _read_only(np.array([self.index[name] for name in self.actionable], np.intp))
 
     @functools.cached_property
+    def not_actionable_columns(self) -> IntArray:
+        """The columns of the variables an action may not set (read-only)."""
+        columns = [j for j, var in enumerate(self.variables) if var.role is not Role.ACTIONABLE]
+        return _read_only(np.array(columns, np.intp))
+
+    @functools.cached_property
     def whole_actionable(self) -> IntArray:
         """Positions in :attr:`actionable` of the features that take whole numbers only
         (binary or integer; read-only)."""
