@@ -7,11 +7,12 @@ For a batch of people (:meth:`AmortizedSolver.predict`, all numpy, no loop over 
 2. a line search scales each proposed change, ``x + t (proposal - x)`` clipped into the
    person's interval, to the smallest ``|t|`` (either direction) whose counterfactual the
    classifier accepts: the distilled values sit on the decision boundary, where half of
-   any regression's answers would fall short. A grid of ``t`` brackets the first
-   accepted scale of each direction (small batches: one evaluation of many scales with
-   the exact classifier; large ones: a few scales in float32, more only where none is
-   accepted), then regula falsi on the classifier's logit narrows the bracket (exact in
-   one step on a linear piece of the logit along the line);
+   any regression's answers would fall short. Small batches bracket the first accepted
+   scale of each direction with one evaluation of many scales with the exact classifier;
+   large ones, in float32, start from the proposal and its reverse (``t = 1, -1``) and
+   extend the secant through ``t = 0`` and the rising side, with a grid only for the rows
+   still unbracketed. Regula falsi on the classifier's logit then narrows the bracket
+   (exact in one step on a linear piece of the logit along the line);
 3. each answer is re-simulated through the exact causal model and classifier (float64)
    and every hard constraint is re-checked (:func:`solver.verify.verify_actions`); the
    cheapest verified pattern is kept;
@@ -47,7 +48,6 @@ from models.amortizer import (
     AmortizerFileError,
     AmortizerSpec,
     Hyperparameters,
-    PatternScores,
     TrainingTargets,
     allowed_patterns,
     encode_inputs,
@@ -85,9 +85,14 @@ LARGE_STAGES = (
     _by_size([3.2, 5, 8, 15, 30, -2.4, -4, -8, -16, -32]),
 )
 """Line search for large batches: later stages only for people with no accepted scale yet."""
+EXTRAPOLATIONS = 3
+"""Large batches: secant steps past a rejected proposal before falling back to the grid."""
+EXTRAPOLATION_LIMIT = 32.0
+"""Large batches: the largest scale reached by extending the secant; rows needing more
+go to the grid, which also looks the other way."""
 SMALL_ROWS = 4096
 """Batches with at most this many rows of the small-batch schedule use it."""
-SECANT_ROUNDS = 4
+SECANT_ROUNDS = 6
 """Most refinements of a bracket by the secant of its logits (regula falsi)."""
 SECANT_AIM = 5e-4
 """Relative step past the secant's root, so that a linear piece lands on the accepted side."""
@@ -194,7 +199,7 @@ class AmortizedSolver:
         factual_gap = self._gap(x, exact=exact)
         # The best pattern for everyone; the next ones only where the network gives them a
         # chance: where it is sure, they are rarely cheaper and cost most of the time.
-        chances = _top_chances(scores.logits, MAX_PATTERNS)
+        ranked, chances = _top_patterns(scores.logits, MAX_PATTERNS)
         first = np.arange(MAX_PATTERNS)[:, None] < CANDIDATE_PATTERNS
         tried = first & (
             (chances >= OTHER_PATTERN_CHANCE) | (np.arange(MAX_PATTERNS) == 0)[:, None]
@@ -204,8 +209,9 @@ class AmortizedSolver:
             x[stacked],
             noise[stacked],
             constraints.take(stacked),
-            ranks,
-            scores.take(stacked),
+            ranked[stacked, ranks],
+            chances[ranks, stacked] > 0,
+            scores.changed[stacked],
             factual_gap[stacked],
             exact=exact,
         )
@@ -223,8 +229,9 @@ class AmortizedSolver:
                 x[failed],
                 noise[failed],
                 constraints.take(failed),
-                rank,
-                scores.take(failed),
+                ranked[failed, rank],
+                chances[rank, failed] > 0,
+                scores.changed[failed],
                 factual_gap[failed],
                 exact=exact,
             )
@@ -291,14 +298,15 @@ class AmortizedSolver:
         x: FloatArray,
         noise: FloatArray,
         constraints: ConstraintArrays,
-        ranks: npt.NDArray[np.int64] | int,
-        scores: PatternScores,
+        patterns: npt.NDArray[np.int64],
+        allowed: BoolArray,
+        changed: FloatArray,
         factual_gap: FloatArray,
         *,
         exact: bool,
     ) -> AmortizedBatch:
-        """The ``ranks``-th best action pattern of each row, line-searched and verified."""
-        mask, target = self.amortizer.propose(x, constraints, ranks, scores)
+        """Action pattern ``patterns`` (if ``allowed``) of each row, line-searched and verified."""
+        mask, target = self.amortizer.propose_patterns(x, constraints, patterns, allowed, changed)
         mask &= ~self._no_ops(x, mask, target)
         current = x[:, self.columns]
         line = _Line(
@@ -354,38 +362,24 @@ class AmortizedSolver:
     def _line_search(self, line: _Line, zero_gap: FloatArray, *, exact: bool) -> FloatArray:
         """Per row, the smallest scale either way whose counterfactual is accepted (nan: none).
 
-        A grid of scales (by size, negative ones reversing the proposed direction; large
-        batches stage by stage, later stages only for rows with no accepted scale yet)
-        brackets the smallest accepted scale of each direction between it and the next
-        smaller one (or 0, whose logit gap is ``zero_gap``). The direction whose secant
-        root is nearer 0 is kept, and its bracket refined by regula falsi on the logit: the
-        classifier is piecewise linear along the line for a ReLU network and a piecewise
-        linear causal model, so the secant is exact once both ends share a linear piece.
+        Small batches bracket it with a grid of scales in one evaluation (by size, negative
+        ones reversing the proposed direction): between the first accepted scale and the
+        next smaller one (or 0, whose logit gap is ``zero_gap``), in the direction whose
+        secant root is nearer 0. Large batches, where rows are what costs, start from the
+        proposal itself (:meth:`_secant_bracket`). The bracket is then refined by regula
+        falsi on the logit: the classifier is piecewise linear along the line for a ReLU
+        network and a piecewise linear causal model, so the secant is exact once both ends
+        share a linear piece. Where a row has a bracket each way, both are refined and the
+        smaller scale kept: the logit along a line need not be monotone.
         """
-        n = len(line.start)
-        stages = (SMALL_SCALES,) if exact else LARGE_STAGES
-        scales = np.concatenate(stages)
-        gaps = np.full((n, len(scales)), np.nan)
-        found = np.zeros(n, dtype=bool)
-        offset = 0
-        for stage in stages:
-            people = np.flatnonzero(~found)
-            if not people.size:
-                break
-            rows = np.tile(people, len(stage))
-            stage_gaps = self._gaps(line, rows, np.repeat(stage, len(people)), exact=exact)
-            stage_gaps = stage_gaps.reshape(len(stage), len(people)).T
-            gaps[people, offset : offset + len(stage)] = stage_gaps
-            found[people] = (stage_gaps >= 0).any(axis=1)
-            offset += len(stage)
-        ahead = _Bracket.of(scales, gaps, zero_gap, 1.0)
-        back = _Bracket.of(scales, gaps, zero_gap, -1.0)
-        reverse = back.found & (~ahead.found | (back.root() < ahead.root()))
-        lo, lo_gap, hi, hi_gap = (
-            np.where(reverse, b, a) for a, b in zip(ahead[:4], back[:4], strict=True)
-        )
-        sign = np.where(reverse, -1.0, 1.0)
-        last_ok = np.zeros(n, dtype=np.int8)  # which end moved last: 1 hi, -1 lo, 0 none
+        n = len(zero_gap)
+        if exact:
+            bracket, sign = self._grid_bracket(line, np.arange(n), zero_gap, True)
+            row_of = np.arange(n)
+        else:
+            bracket, sign, row_of = self._secant_bracket(line, zero_gap)
+        lo, lo_gap, hi, hi_gap, found = bracket
+        last_ok = np.zeros(len(lo), dtype=np.int8)  # which end moved last: 1 hi, -1 lo, 0 none
         people = np.flatnonzero(found)
         for _ in range(SECANT_ROUNDS):
             u = _Bracket(lo[people], lo_gap[people], hi[people], hi_gap[people], found[people])
@@ -394,7 +388,7 @@ class AmortizedSolver:
             people, u = people[moves], u[moves]
             if not people.size:
                 break
-            gap = self._gaps(line, people, sign[people] * u, exact=exact)
+            gap = self._gaps(line, row_of[people], sign[people] * u, exact=exact)
             ok = gap >= 0
             # Illinois: an end that stays twice has its gap halved, against one-sided
             # convergence where the logit bends.
@@ -405,7 +399,99 @@ class AmortizedSolver:
             hi_gap[people] = np.where(ok, gap, hi_gap[people])
             lo[people] = np.where(ok, lo[people], u)
             lo_gap[people] = np.where(ok, lo_gap[people], gap)
-        return np.where(found, sign * hi, np.nan)
+        size = np.where(found, hi, np.inf)
+        smallest = np.full(n, np.inf)
+        np.minimum.at(smallest, row_of, size)
+        first = np.flatnonzero(size == smallest[row_of])
+        t = np.full(n, np.nan)
+        t[row_of[first]] = (sign * hi)[first]
+        return t
+
+    def _secant_bracket(
+        self, line: _Line, zero_gap: FloatArray
+    ) -> tuple[_Bracket, FloatArray, npt.NDArray[np.int64]]:
+        """Brackets from the proposal and its reverse (scales 1 and -1, one evaluation) and
+        the start (0, known). The logit along the line is nearly linear, so where both are
+        rejected the secant on the rising side, extended, is accepted most of the time: up
+        to :data:`EXTRAPOLATIONS` such steps, then the grid for the rows still unbracketed.
+        A row accepted both ways gets a bracket each way; the returned array maps brackets
+        to line rows."""
+        n = len(zero_gap)
+        gaps = self._gaps(line, np.tile(np.arange(n), 2), np.repeat([1.0, -1.0], n), exact=False)
+        zero, one = np.zeros(n), np.ones(n)
+        ahead = _Bracket(zero, zero_gap, one, gaps[:n], gaps[:n] >= 0)
+        back = _Bracket(zero, zero_gap, one, gaps[n:], gaps[n:] >= 0)
+        reverse = back.found & (~ahead.found | (back.root() < ahead.root()))
+        lo, lo_gap, hi, hi_gap, found = (
+            np.where(reverse, b, a) for a, b in zip(ahead, back, strict=True)
+        )
+        # Per row the last two rejected sizes on the rising side, the later one first.
+        sign = np.where(reverse | (gaps[n:] > gaps[:n]), -1.0, 1.0)
+        near, near_gap = one.copy(), np.maximum(gaps[:n], gaps[n:])
+        far, far_gap = zero.copy(), zero_gap.copy()
+        people = np.flatnonzero(~found & (near_gap > far_gap))
+        for _ in range(EXTRAPOLATIONS):
+            p, gp = near[people], near_gap[people]
+            guess = p - gp * (p - far[people]) / (gp - far_gap[people]) * (1 + SECANT_AIM)
+            within = guess <= EXTRAPOLATION_LIMIT
+            people, guess, p, gp = people[within], guess[within], p[within], gp[within]
+            if not people.size:
+                break
+            gap = self._gaps(line, people, sign[people] * guess, exact=False)
+            ok = gap >= 0
+            accepted = people[ok]
+            found[accepted] = True
+            lo[accepted], lo_gap[accepted] = p[ok], gp[ok]
+            hi[accepted], hi_gap[accepted] = guess[ok], gap[ok]
+            rises = ~ok & (gap > gp)
+            people, guess, gap = people[rises], guess[rises], gap[rises]
+            far[people], far_gap[people] = near[people], near_gap[people]
+            near[people], near_gap[people] = guess, gap
+        rest = np.flatnonzero(~found)
+        if rest.size:
+            grid, grid_sign = self._grid_bracket(line, rest, zero_gap[rest], False)
+            for whole, part in zip((lo, lo_gap, hi, hi_gap, found), grid, strict=True):
+                whole[rest] = part
+            sign[rest] = grid_sign
+        # Accepted both ways: the other direction's bracket too, as an extra row.
+        both = np.flatnonzero(ahead.found & back.found)
+        other = _Bracket(*(np.where(reverse, a, b)[both] for a, b in zip(ahead, back, strict=True)))
+        bracket = _Bracket(
+            *(
+                np.concatenate([whole, extra])
+                for whole, extra in zip((lo, lo_gap, hi, hi_gap, found), other, strict=True)
+            )
+        )
+        sign = np.concatenate([sign, -sign[both]])
+        return bracket, sign, np.concatenate([np.arange(n), both])
+
+    def _grid_bracket(
+        self, line: _Line, rows: npt.NDArray[np.int64], zero_gap: FloatArray, exact: bool
+    ) -> tuple[_Bracket, FloatArray]:
+        """Brackets of line rows ``rows`` from a grid of scales (small batches: every scale in
+        one evaluation; large ones stage by stage, later stages only for rows with no
+        accepted scale yet), in the direction whose secant root is nearer 0."""
+        n = len(rows)
+        stages = (SMALL_SCALES,) if exact else LARGE_STAGES
+        scales = np.concatenate(stages)
+        gaps = np.full((n, len(scales)), np.nan)
+        found = np.zeros(n, dtype=bool)
+        offset = 0
+        for stage in stages:
+            people = np.flatnonzero(~found)
+            if not people.size:
+                break
+            stage_rows = np.tile(rows[people], len(stage))
+            stage_gaps = self._gaps(line, stage_rows, np.repeat(stage, len(people)), exact=exact)
+            stage_gaps = stage_gaps.reshape(len(stage), len(people)).T
+            gaps[people, offset : offset + len(stage)] = stage_gaps
+            found[people] = (stage_gaps >= 0).any(axis=1)
+            offset += len(stage)
+        ahead = _Bracket.of(scales, gaps, zero_gap, 1.0)
+        back = _Bracket.of(scales, gaps, zero_gap, -1.0)
+        reverse = back.found & (~ahead.found | (back.root() < ahead.root()))
+        bracket = _Bracket(*(np.where(reverse, b, a) for a, b in zip(ahead, back, strict=True)))
+        return bracket, np.where(reverse, -1.0, 1.0)
 
     def _scaled(self, line: _Line, rows: npt.NDArray[np.int64] | None, t: FloatArray) -> FloatArray:
         """The values of line rows ``rows`` (None: all) at scales ``t``, projected."""
@@ -593,7 +679,9 @@ class _Float32Network:
 
     def forward(self, a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         for weights, bias in self.layers[:-1]:
-            a = np.maximum(a @ weights + bias, np.float32(0))
+            a = a @ weights
+            a += bias  # in place: these arrays are the line search's largest
+            np.maximum(a, np.float32(0), out=a)
         weights, bias = self.layers[-1]
         return a @ weights + bias
 
@@ -609,14 +697,16 @@ def _folded_float32(classifier: Classifier) -> _Float32Network:
     return _Float32Network(tuple((w.astype(np.float32), b.astype(np.float32)) for w, b in layers))
 
 
-def _top_chances(logits: FloatArray, count: int) -> FloatArray:
-    """(count, n): the network's probabilities of each person's ``count`` best patterns."""
-    finite = np.isfinite(logits)
-    top = np.max(np.where(finite, logits, -np.inf), axis=1, keepdims=True)
-    weights = np.where(finite, np.exp(logits - np.where(np.isfinite(top), top, 0.0)), 0.0)
+def _top_patterns(logits: FloatArray, count: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """(n, count) each person's ``count`` best patterns, best first, and (count, n) the
+    network's probabilities of them (0: not allowed)."""
+    ranked = np.argsort(-logits, axis=1, kind="stable")[:, :count]
+    top = np.take_along_axis(logits, ranked[:, :1], axis=1)
+    top = np.where(np.isfinite(top), top, 0.0)
+    weights = np.exp(logits - top)  # exp(-inf) = 0 for the patterns not allowed
     total = weights.sum(axis=1, keepdims=True)
-    chances = -np.sort(-weights, axis=1)[:, :count] / np.where(total > 0, total, 1.0)
-    return chances.T
+    chances = np.take_along_axis(weights, ranked, axis=1) / np.where(total > 0, total, 1.0)
+    return ranked, chances.T
 
 
 def _actionable_ancestors(scm: StructuralCausalModel) -> BoolArray:
