@@ -30,7 +30,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -98,6 +98,10 @@ SECANT_AIM = 5e-4
 """Relative step past the secant's root, so that a linear piece lands on the accepted side."""
 SECANT_TOLERANCE = 2e-3
 """A bracket is final once the next step would shrink the accepted scale by less than this."""
+SMALL_PROBES = np.concatenate([np.arange(-10, 11) * 0.9, [-50, -20, 20, 50]]) * SECANT_TOLERANCE
+"""Small batches, where rows are cheap and calls are not: each refinement tries the
+secant's root (stepped by :data:`SECANT_AIM`) times 1 plus each of these at once, so that
+one round usually leaves a bracket narrower than the tolerance."""
 CANDIDATE_PATTERNS = 4
 """Action patterns tried at once, best first; the cheapest verified answer is kept."""
 OTHER_PATTERN_CHANCE = 0.01
@@ -284,7 +288,7 @@ class AmortizedSolver:
         line = _Line(x[rows], noise[rows], self._intervene(mask), start, step, lower, upper)
         zero_gap = self._gaps(line, line_rows, np.zeros(len(rows)), exact=exact)
         t = self._line_search(line, zero_gap, exact=exact)
-        values = self._scaled(line, None, np.where(np.isnan(t), 0.0, t))
+        values = self._scaled(line, np.where(np.isnan(t), 0.0, t))
         corners = self._verified(line.x, line.noise, constraints.take(rows), line.intervene, values)
         cost = np.where(corners.verified & usable & ~np.isnan(t), corners.cost, np.inf)
         cost = np.column_stack([answer.cost[people], cost.reshape(-1, 4)])
@@ -319,7 +323,7 @@ class AmortizedSolver:
             constraints.upper,
         )
         t = self._line_search(line, factual_gap, exact=exact)
-        values = self._scaled(line, None, np.where(np.isnan(t), 1.0, t))
+        values = self._scaled(line, np.where(np.isnan(t), 1.0, t))
         return self._verified(x, noise, constraints, line.intervene, values)
 
     def _verified(
@@ -379,32 +383,53 @@ class AmortizedSolver:
         else:
             bracket, sign, row_of = self._secant_bracket(line, zero_gap)
         lo, lo_gap, hi, hi_gap, found = bracket
-        last_ok = np.zeros(len(lo), dtype=np.int8)  # which end moved last: 1 hi, -1 lo, 0 none
-        people = np.flatnonzero(found)
+        probes = SMALL_PROBES if exact else np.zeros(1)
+        size = np.where(found, hi, np.inf)  # per bracket, the accepted size so far
+        # The brackets still moving, compacted each round.
+        live = np.flatnonzero(found)
+        lo, lo_gap, hi, hi_gap, sign_live, rows = (
+            a[live] for a in (lo, lo_gap, hi, hi_gap, sign, row_of)
+        )
+        last_moved = np.zeros(len(live), dtype=np.int8)  # 1 hi only, -1 lo only, else 0
         for _ in range(SECANT_ROUNDS):
-            u = _Bracket(lo[people], lo_gap[people], hi[people], hi_gap[people], found[people])
-            u = u.root() * (1 + SECANT_AIM)
-            moves = u < hi[people] * (1 - SECANT_TOLERANCE)
-            people, u = people[moves], u[moves]
-            if not people.size:
+            aim = _secant_root(lo, lo_gap, hi, hi_gap) * (1 + SECANT_AIM)
+            moves = aim < hi * (1 - SECANT_TOLERANCE)
+            size[live] = hi
+            if not moves.any():
                 break
-            gap = self._gaps(line, row_of[people], sign[people] * u, exact=exact)
+            live, lo, lo_gap, hi, hi_gap, sign_live, rows, last_moved, aim = (
+                a[moves] for a in (live, lo, lo_gap, hi, hi_gap, sign_live, rows, last_moved, aim)
+            )
+            u = np.clip(aim[:, None] * (1 + probes), lo[:, None], hi[:, None])
+            gap = self._gaps(
+                line, np.repeat(rows, len(probes)), (sign_live[:, None] * u).ravel(), exact=exact
+            ).reshape(u.shape)
             ok = gap >= 0
+            # The tightest bracket: the smallest accepted probe, the largest rejected below.
+            every = np.arange(len(live))
+            first_ok = np.argmin(np.where(ok, u, np.inf), axis=1)
+            hi_moves = ok[every, first_ok]
+            new_hi = np.where(hi_moves, u[every, first_ok], hi)
+            below = np.where(~ok & (u < new_hi[:, None]), u, -np.inf)
+            last_no = np.argmax(below, axis=1)
+            lo_moves = below[every, last_no] > lo
             # Illinois: an end that stays twice has its gap halved, against one-sided
             # convergence where the logit bends.
-            lo_gap[people] *= np.where(ok & (last_ok[people] == 1), 0.5, 1.0)
-            hi_gap[people] *= np.where(~ok & (last_ok[people] == -1), 0.5, 1.0)
-            last_ok[people] = np.where(ok, 1, -1)
-            hi[people] = np.where(ok, u, hi[people])
-            hi_gap[people] = np.where(ok, gap, hi_gap[people])
-            lo[people] = np.where(ok, lo[people], u)
-            lo_gap[people] = np.where(ok, lo_gap[people], gap)
-        size = np.where(found, hi, np.inf)
+            one_sided = hi_moves != lo_moves
+            lo_gap = np.where(lo_moves, gap[every, last_no], lo_gap)
+            lo_gap *= np.where(one_sided & hi_moves & (last_moved == 1), 0.5, 1.0)
+            hi_gap = np.where(hi_moves, gap[every, first_ok], hi_gap)
+            hi_gap *= np.where(one_sided & lo_moves & (last_moved == -1), 0.5, 1.0)
+            last_moved = np.where(one_sided, np.where(hi_moves, 1, -1), 0).astype(np.int8)
+            lo, hi = np.where(lo_moves, u[every, last_no], lo), new_hi
+        else:
+            size[live] = hi
+        # Per line row, the smaller of its brackets' accepted scales.
         smallest = np.full(n, np.inf)
         np.minimum.at(smallest, row_of, size)
-        first = np.flatnonzero(size == smallest[row_of])
+        kept = np.flatnonzero(np.isfinite(size) & (size == smallest[row_of]))
         t = np.full(n, np.nan)
-        t[row_of[first]] = (sign * hi)[first]
+        t[row_of[kept]] = sign[kept] * size[kept]
         return t
 
     def _secant_bracket(
@@ -493,21 +518,27 @@ class AmortizedSolver:
         bracket = _Bracket(*(np.where(reverse, b, a) for a, b in zip(ahead, back, strict=True)))
         return bracket, np.where(reverse, -1.0, 1.0)
 
-    def _scaled(self, line: _Line, rows: npt.NDArray[np.int64] | None, t: FloatArray) -> FloatArray:
-        """The values of line rows ``rows`` (None: all) at scales ``t``, projected."""
-        pick = slice(None) if rows is None else rows
-        values = line.start[pick] + t[:, None] * line.step[pick]
-        return project_values(self.amortizer.spec, values, line.lower[pick], line.upper[pick])
+    def _scaled(self, line: _Line, t: FloatArray) -> FloatArray:
+        """The values of every line row at scales ``t``, projected."""
+        values = line.start + t[:, None] * line.step
+        return project_values(self.amortizer.spec, values, line.lower, line.upper)
 
     def _gaps(
         self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray, *, exact: bool
     ) -> FloatArray:
         """Logit minus the acceptance threshold of line row ``rows[i]`` at scale ``t[i]``."""
-        values = line.x[rows]
-        values[:, self.columns] = self._scaled(line, rows, t)
+        packed = line.table[rows]  # one gather for all the row's numbers
+        f, k = line.x.shape[1], len(self.columns)
+        start, step, lower, upper = (
+            packed[:, 2 * f + i * k : 2 * f + (i + 1) * k] for i in range(4)
+        )
+        values = packed[:, :f]
+        values[:, self.columns] = project_values(
+            self.amortizer.spec, start + t[:, None] * step, lower, upper
+        )
         # Only the shape of the factual rows matters once the noise is given.
         counterfactual = self.scm.propagate_counterfactual(
-            values, line.intervene[rows], values, line.noise[rows]
+            values, line.intervene[rows], values, packed[:, f : 2 * f]
         )
         return self._gap(counterfactual, exact=exact)
 
@@ -631,6 +662,12 @@ class _Line:
     step: FloatArray
     lower: FloatArray
     upper: FloatArray
+    table: FloatArray = field(init=False, repr=False)
+    """The float fields side by side, so that an evaluation gathers its rows once."""
+
+    def __post_init__(self) -> None:
+        parts = (self.x, self.noise, self.start, self.step, self.lower, self.upper)
+        object.__setattr__(self, "table", np.hstack(parts))
 
 
 class _Bracket(NamedTuple):
@@ -666,11 +703,18 @@ class _Bracket(NamedTuple):
 
     def root(self) -> FloatArray:
         """Where the secant through both ends crosses the threshold (inf: no bracket)."""
-        rise = self.hi_gap - self.lo_gap
-        with np.errstate(divide="ignore", invalid="ignore"):
-            share = np.clip(-self.lo_gap / rise, 0.0, 1.0)
-        share = np.where(rise > 0, share, 1.0)
-        return np.where(self.found, self.lo + share * (self.hi - self.lo), np.inf)
+        root = _secant_root(self.lo, self.lo_gap, self.hi, self.hi_gap)
+        return np.where(self.found, root, np.inf)
+
+
+def _secant_root(
+    lo: FloatArray, lo_gap: FloatArray, hi: FloatArray, hi_gap: FloatArray
+) -> FloatArray:
+    """Where the chord through (lo, lo_gap) and (hi, hi_gap) crosses 0, within [lo, hi]."""
+    rise = hi_gap - lo_gap
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.clip(-lo_gap / rise, 0.0, 1.0)
+    return lo + np.where(rise > 0, share, 1.0) * (hi - lo)
 
 
 @dataclass(frozen=True, eq=False)
