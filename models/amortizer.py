@@ -285,9 +285,6 @@ class PatternScores(NamedTuple):
     changed: FloatArray
     """(n, K): the proposed values of the features a pattern changes."""
 
-    def take(self, rows: IntArray) -> PatternScores:
-        return PatternScores(self.logits[rows], self.changed[rows])
-
 
 def project_values(
     spec: AmortizerSpec, values: FloatArray, lower: FloatArray, upper: FloatArray
