@@ -252,17 +252,28 @@ class Amortizer:
         they may do). ``scores``: the network's pass over these rows, if already made.
         Returns (n, K) masks and values.
         """
-        spec = self.spec
         logits, changed = scores if scores is not None else self.scores(x, arrays)
         rows = np.arange(len(x))
         if np.all(ranks == 0):
             choice = np.argmax(logits, axis=1)
         else:
             choice = np.argsort(-logits, axis=1, kind="stable")[rows, ranks]
+        return self.propose_patterns(x, arrays, choice, np.isfinite(logits[rows, choice]), changed)
+
+    def propose_patterns(
+        self,
+        x: FloatArray,
+        arrays: ConstraintArrays,
+        choice: IntArray,
+        allowed: BoolArray,
+        changed: FloatArray,
+    ) -> tuple[BoolArray, FloatArray]:
+        """:meth:`propose` for the patterns ``choice`` (indices in the catalogue), given
+        whether each is ``allowed`` (else an empty mask) and the network's ``changed``."""
+        spec = self.spec
         pattern = spec.catalogue[choice]
-        pattern[~np.isfinite(logits[rows, choice])] = NOT_ACTED  # no allowed pattern left
-        current = x[:, spec.actionable_columns]
-        values = np.where(pattern == CHANGE, changed, current)
+        pattern[~allowed] = NOT_ACTED
+        values = np.where(pattern == CHANGE, changed, x[:, spec.actionable_columns])
         return pattern != NOT_ACTED, project_values(spec, values, arrays.lower, arrays.upper)
 
 
@@ -274,15 +285,12 @@ class PatternScores(NamedTuple):
     changed: FloatArray
     """(n, K): the proposed values of the features a pattern changes."""
 
-    def take(self, rows: IntArray) -> PatternScores:
-        return PatternScores(self.logits[rows], self.changed[rows])
-
 
 def project_values(
     spec: AmortizerSpec, values: FloatArray, lower: FloatArray, upper: FloatArray
 ) -> FloatArray:
     """Values clipped into each person's interval; integer features rounded inside it."""
-    values = np.clip(values, lower, upper)
+    values = np.minimum(np.maximum(values, lower), upper)  # np.clip's checks cost more
     if spec.integer.any():
         # The interval's ends are whole numbers, so rounding stays inside it.
         values = np.where(spec.integer, np.round(values), values)

@@ -7,11 +7,12 @@ For a batch of people (:meth:`AmortizedSolver.predict`, all numpy, no loop over 
 2. a line search scales each proposed change, ``x + t (proposal - x)`` clipped into the
    person's interval, to the smallest ``|t|`` (either direction) whose counterfactual the
    classifier accepts: the distilled values sit on the decision boundary, where half of
-   any regression's answers would fall short. A grid of ``t`` brackets the first
-   accepted scale of each direction (small batches: one evaluation of many scales with
-   the exact classifier; large ones: a few scales in float32, more only where none is
-   accepted), then regula falsi on the classifier's logit narrows the bracket (exact in
-   one step on a linear piece of the logit along the line);
+   any regression's answers would fall short. Small batches bracket the first accepted
+   scale of each direction with one evaluation of many scales with the exact classifier;
+   large ones, in float32, start from the proposal and its reverse (``t = 1, -1``) and
+   extend the secant through ``t = 0`` and the rising side, with a grid only for the rows
+   still unbracketed. Regula falsi on the classifier's logit then narrows the bracket
+   (exact in one step on a linear piece of the logit along the line);
 3. each answer is re-simulated through the exact causal model and classifier (float64)
    and every hard constraint is re-checked (:func:`solver.verify.verify_actions`); the
    cheapest verified pattern is kept;
@@ -29,7 +30,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,7 +48,6 @@ from models.amortizer import (
     AmortizerFileError,
     AmortizerSpec,
     Hyperparameters,
-    PatternScores,
     TrainingTargets,
     allowed_patterns,
     encode_inputs,
@@ -80,19 +80,32 @@ SMALL_SCALES = _by_size(
     + [-0.25, -0.5, -1, -1.5, -2, -3, -4, -6, -8, -16, -32]
 )
 """Line search for small batches: every scale in one evaluation (rows are cheap there)."""
+GRID_REACH = 30.0
 LARGE_STAGES = (
-    _by_size([0.9, 1.15, 1.6, 2.2, -0.5, -1.2]),
-    _by_size([3.2, 5, 8, 15, 30, -2.4, -4, -8, -16, -32]),
+    _by_size([0.9, 1.15, 1.6, 2.2, GRID_REACH, -0.5, -1.2, -32]),
+    _by_size([3.2, 5, 8, 15, -2.4, -4, -8, -16]),
 )
-"""Line search for large batches: later stages only for people with no accepted scale yet."""
+"""The grid of large batches: the second stage only for rows accepted at the first's
+extremes (at least :data:`GRID_REACH` either way) and nowhere nearer. A row rejected even
+there is taken as out of reach (on the held-out Loan and GSMC people of every scheme,
+validity and cost figures are the same as with the intermediate scales tried)."""
+EXTRAPOLATIONS = 3
+"""Large batches: secant steps past a rejected proposal before falling back to the grid."""
+EXTRAPOLATION_LIMIT = 32.0
+"""Large batches: the largest scale reached by extending the secant; rows needing more
+go to the grid, which also looks the other way."""
 SMALL_ROWS = 4096
 """Batches with at most this many rows of the small-batch schedule use it."""
-SECANT_ROUNDS = 4
+SECANT_ROUNDS = 6
 """Most refinements of a bracket by the secant of its logits (regula falsi)."""
 SECANT_AIM = 5e-4
 """Relative step past the secant's root, so that a linear piece lands on the accepted side."""
 SECANT_TOLERANCE = 2e-3
 """A bracket is final once the next step would shrink the accepted scale by less than this."""
+SMALL_PROBES = np.concatenate([np.arange(-10, 11) * 0.9, [-50, -20, 20, 50]]) * SECANT_TOLERANCE
+"""Small batches, where rows are cheap and calls are not: each refinement tries the
+secant's root (stepped by :data:`SECANT_AIM`) times 1 plus each of these at once, so that
+one round usually leaves a bracket narrower than the tolerance."""
 CANDIDATE_PATTERNS = 4
 """Action patterns tried at once, best first; the cheapest verified answer is kept."""
 OTHER_PATTERN_CHANCE = 0.01
@@ -194,7 +207,7 @@ class AmortizedSolver:
         factual_gap = self._gap(x, exact=exact)
         # The best pattern for everyone; the next ones only where the network gives them a
         # chance: where it is sure, they are rarely cheaper and cost most of the time.
-        chances = _top_chances(scores.logits, MAX_PATTERNS)
+        ranked, chances = _top_patterns(scores.logits, MAX_PATTERNS)
         first = np.arange(MAX_PATTERNS)[:, None] < CANDIDATE_PATTERNS
         tried = first & (
             (chances >= OTHER_PATTERN_CHANCE) | (np.arange(MAX_PATTERNS) == 0)[:, None]
@@ -204,8 +217,9 @@ class AmortizedSolver:
             x[stacked],
             noise[stacked],
             constraints.take(stacked),
-            ranks,
-            scores.take(stacked),
+            ranked[stacked, ranks],
+            chances[ranks, stacked] > 0,
+            scores.changed[stacked],
             factual_gap[stacked],
             exact=exact,
         )
@@ -223,8 +237,9 @@ class AmortizedSolver:
                 x[failed],
                 noise[failed],
                 constraints.take(failed),
-                rank,
-                scores.take(failed),
+                ranked[failed, rank],
+                chances[rank, failed] > 0,
+                scores.changed[failed],
                 factual_gap[failed],
                 exact=exact,
             )
@@ -277,7 +292,7 @@ class AmortizedSolver:
         line = _Line(x[rows], noise[rows], self._intervene(mask), start, step, lower, upper)
         zero_gap = self._gaps(line, line_rows, np.zeros(len(rows)), exact=exact)
         t = self._line_search(line, zero_gap, exact=exact)
-        values = self._scaled(line, None, np.where(np.isnan(t), 0.0, t))
+        values = self._scaled(line, np.where(np.isnan(t), 0.0, t))
         corners = self._verified(line.x, line.noise, constraints.take(rows), line.intervene, values)
         cost = np.where(corners.verified & usable & ~np.isnan(t), corners.cost, np.inf)
         cost = np.column_stack([answer.cost[people], cost.reshape(-1, 4)])
@@ -291,14 +306,15 @@ class AmortizedSolver:
         x: FloatArray,
         noise: FloatArray,
         constraints: ConstraintArrays,
-        ranks: npt.NDArray[np.int64] | int,
-        scores: PatternScores,
+        patterns: npt.NDArray[np.int64],
+        allowed: BoolArray,
+        changed: FloatArray,
         factual_gap: FloatArray,
         *,
         exact: bool,
     ) -> AmortizedBatch:
-        """The ``ranks``-th best action pattern of each row, line-searched and verified."""
-        mask, target = self.amortizer.propose(x, constraints, ranks, scores)
+        """Action pattern ``patterns`` (if ``allowed``) of each row, line-searched and verified."""
+        mask, target = self.amortizer.propose_patterns(x, constraints, patterns, allowed, changed)
         mask &= ~self._no_ops(x, mask, target)
         current = x[:, self.columns]
         line = _Line(
@@ -311,7 +327,7 @@ class AmortizedSolver:
             constraints.upper,
         )
         t = self._line_search(line, factual_gap, exact=exact)
-        values = self._scaled(line, None, np.where(np.isnan(t), 1.0, t))
+        values = self._scaled(line, np.where(np.isnan(t), 1.0, t))
         return self._verified(x, noise, constraints, line.intervene, values)
 
     def _verified(
@@ -354,74 +370,195 @@ class AmortizedSolver:
     def _line_search(self, line: _Line, zero_gap: FloatArray, *, exact: bool) -> FloatArray:
         """Per row, the smallest scale either way whose counterfactual is accepted (nan: none).
 
-        A grid of scales (by size, negative ones reversing the proposed direction; large
-        batches stage by stage, later stages only for rows with no accepted scale yet)
-        brackets the smallest accepted scale of each direction between it and the next
-        smaller one (or 0, whose logit gap is ``zero_gap``). The direction whose secant
-        root is nearer 0 is kept, and its bracket refined by regula falsi on the logit: the
-        classifier is piecewise linear along the line for a ReLU network and a piecewise
-        linear causal model, so the secant is exact once both ends share a linear piece.
+        Small batches bracket it with a grid of scales in one evaluation (by size, negative
+        ones reversing the proposed direction): between the first accepted scale and the
+        next smaller one (or 0, whose logit gap is ``zero_gap``), in the direction whose
+        secant root is nearer 0. Large batches, where rows are what costs, start from the
+        proposal itself (:meth:`_secant_bracket`). The bracket is then refined by regula
+        falsi on the logit: the classifier is piecewise linear along the line for a ReLU
+        network and a piecewise linear causal model, so the secant is exact once both ends
+        share a linear piece. Where a row has a bracket each way, both are refined and the
+        smaller scale kept: the logit along a line need not be monotone.
         """
-        n = len(line.start)
-        stages = (SMALL_SCALES,) if exact else LARGE_STAGES
-        scales = np.concatenate(stages)
-        gaps = np.full((n, len(scales)), np.nan)
-        found = np.zeros(n, dtype=bool)
-        offset = 0
-        for stage in stages:
-            people = np.flatnonzero(~found)
+        n = len(zero_gap)
+        if exact:
+            bracket, sign = self._grid_bracket(line, np.arange(n), zero_gap, True)
+            row_of = np.arange(n)
+        else:
+            bracket, sign, row_of = self._secant_bracket(line, zero_gap)
+        lo, lo_gap, hi, hi_gap, found = bracket
+        probes = SMALL_PROBES if exact else np.zeros(1)
+        size = np.where(found, hi, np.inf)  # per bracket, the accepted size so far
+        # The brackets still moving, compacted each round.
+        live = np.flatnonzero(found)
+        lo, lo_gap, hi, hi_gap, sign_live, rows = (
+            a[live] for a in (lo, lo_gap, hi, hi_gap, sign, row_of)
+        )
+        last_moved = np.zeros(len(live), dtype=np.int8)  # 1 hi only, -1 lo only, else 0
+        for _ in range(SECANT_ROUNDS):
+            aim = _secant_root(lo, lo_gap, hi, hi_gap) * (1 + SECANT_AIM)
+            moves = aim < hi * (1 - SECANT_TOLERANCE)
+            size[live] = hi
+            if not moves.any():
+                break
+            live, lo, lo_gap, hi, hi_gap, sign_live, rows, last_moved, aim = (
+                a[moves] for a in (live, lo, lo_gap, hi, hi_gap, sign_live, rows, last_moved, aim)
+            )
+            u = np.clip(aim[:, None] * (1 + probes), lo[:, None], hi[:, None])
+            gap = self._gaps(
+                line, np.repeat(rows, len(probes)), (sign_live[:, None] * u).ravel(), exact=exact
+            ).reshape(u.shape)
+            ok = gap >= 0
+            # The tightest bracket: the smallest accepted probe, the largest rejected below.
+            every = np.arange(len(live))
+            first_ok = np.argmin(np.where(ok, u, np.inf), axis=1)
+            hi_moves = ok[every, first_ok]
+            new_hi = np.where(hi_moves, u[every, first_ok], hi)
+            below = np.where(~ok & (u < new_hi[:, None]), u, -np.inf)
+            last_no = np.argmax(below, axis=1)
+            lo_moves = below[every, last_no] > lo
+            # Illinois: an end that stays twice has its gap halved, against one-sided
+            # convergence where the logit bends.
+            one_sided = hi_moves != lo_moves
+            lo_gap = np.where(lo_moves, gap[every, last_no], lo_gap)
+            lo_gap *= np.where(one_sided & hi_moves & (last_moved == 1), 0.5, 1.0)
+            hi_gap = np.where(hi_moves, gap[every, first_ok], hi_gap)
+            hi_gap *= np.where(one_sided & lo_moves & (last_moved == -1), 0.5, 1.0)
+            last_moved = np.where(one_sided, np.where(hi_moves, 1, -1), 0).astype(np.int8)
+            lo, hi = np.where(lo_moves, u[every, last_no], lo), new_hi
+        else:
+            size[live] = hi
+        # Per line row, the smaller of its brackets' accepted scales.
+        smallest = np.full(n, np.inf)
+        np.minimum.at(smallest, row_of, size)
+        kept = np.flatnonzero(np.isfinite(size) & (size == smallest[row_of]))
+        t = np.full(n, np.nan)
+        t[row_of[kept]] = sign[kept] * size[kept]
+        return t
+
+    def _secant_bracket(
+        self, line: _Line, zero_gap: FloatArray
+    ) -> tuple[_Bracket, FloatArray, npt.NDArray[np.int64]]:
+        """Brackets from the proposal and its reverse (scales 1 and -1, one evaluation) and
+        the start (0, known). The logit along the line is nearly linear, so where both are
+        rejected the secant on the rising side, extended, is accepted most of the time: up
+        to :data:`EXTRAPOLATIONS` such steps, then the grid for the rows still unbracketed.
+        A row accepted both ways gets a bracket each way; the returned array maps brackets
+        to line rows."""
+        n = len(zero_gap)
+        gaps = self._gaps(line, np.tile(np.arange(n), 2), np.repeat([1.0, -1.0], n), exact=False)
+        zero, one = np.zeros(n), np.ones(n)
+        ahead = _Bracket(zero, zero_gap, one, gaps[:n], gaps[:n] >= 0)
+        back = _Bracket(zero, zero_gap, one, gaps[n:], gaps[n:] >= 0)
+        reverse = back.found & (~ahead.found | (back.root() < ahead.root()))
+        lo, lo_gap, hi, hi_gap, found = (
+            np.where(reverse, b, a) for a, b in zip(ahead, back, strict=True)
+        )
+        # Per row the last two rejected sizes on the rising side, the later one first.
+        sign = np.where(reverse | (gaps[n:] > gaps[:n]), -1.0, 1.0)
+        near, near_gap = one.copy(), np.maximum(gaps[:n], gaps[n:])
+        far, far_gap = zero.copy(), zero_gap.copy()
+        people = np.flatnonzero(~found & (near_gap > far_gap))
+        for _ in range(EXTRAPOLATIONS):
+            p, gp = near[people], near_gap[people]
+            guess = p - gp * (p - far[people]) / (gp - far_gap[people]) * (1 + SECANT_AIM)
+            within = guess <= EXTRAPOLATION_LIMIT
+            people, guess, p, gp = people[within], guess[within], p[within], gp[within]
             if not people.size:
                 break
-            rows = np.tile(people, len(stage))
-            stage_gaps = self._gaps(line, rows, np.repeat(stage, len(people)), exact=exact)
-            stage_gaps = stage_gaps.reshape(len(stage), len(people)).T
-            gaps[people, offset : offset + len(stage)] = stage_gaps
-            found[people] = (stage_gaps >= 0).any(axis=1)
-            offset += len(stage)
+            gap = self._gaps(line, people, sign[people] * guess, exact=False)
+            ok = gap >= 0
+            accepted = people[ok]
+            found[accepted] = True
+            lo[accepted], lo_gap[accepted] = p[ok], gp[ok]
+            hi[accepted], hi_gap[accepted] = guess[ok], gap[ok]
+            rises = ~ok & (gap > gp)
+            people, guess, gap = people[rises], guess[rises], gap[rises]
+            far[people], far_gap[people] = near[people], near_gap[people]
+            near[people], near_gap[people] = guess, gap
+        rest = np.flatnonzero(~found)
+        if rest.size:
+            grid, grid_sign = self._grid_bracket(line, rest, zero_gap[rest], False)
+            for whole, part in zip((lo, lo_gap, hi, hi_gap, found), grid, strict=True):
+                whole[rest] = part
+            sign[rest] = grid_sign
+        # Accepted both ways: the other direction's bracket too, as an extra row.
+        both = np.flatnonzero(ahead.found & back.found)
+        other = _Bracket(*(np.where(reverse, a, b)[both] for a, b in zip(ahead, back, strict=True)))
+        bracket = _Bracket(
+            *(
+                np.concatenate([whole, extra])
+                for whole, extra in zip((lo, lo_gap, hi, hi_gap, found), other, strict=True)
+            )
+        )
+        sign = np.concatenate([sign, -sign[both]])
+        return bracket, sign, np.concatenate([np.arange(n), both])
+
+    def _grid_bracket(
+        self, line: _Line, rows: npt.NDArray[np.int64], zero_gap: FloatArray, exact: bool
+    ) -> tuple[_Bracket, FloatArray]:
+        """Brackets of line rows ``rows`` from a grid of scales (small batches: every scale of
+        :data:`SMALL_SCALES` in one evaluation; large ones :data:`LARGE_STAGES`), in the
+        direction whose secant root is nearer 0."""
+        n = len(rows)
+        if exact:
+            scales = SMALL_SCALES
+            gaps = self._gaps(line, np.tile(rows, len(scales)), np.repeat(scales, n), exact=True)
+            gaps = gaps.reshape(len(scales), n).T
+        else:
+            scales, gaps = self._staged_gaps(line, rows)
         ahead = _Bracket.of(scales, gaps, zero_gap, 1.0)
         back = _Bracket.of(scales, gaps, zero_gap, -1.0)
         reverse = back.found & (~ahead.found | (back.root() < ahead.root()))
-        lo, lo_gap, hi, hi_gap = (
-            np.where(reverse, b, a) for a, b in zip(ahead[:4], back[:4], strict=True)
-        )
-        sign = np.where(reverse, -1.0, 1.0)
-        last_ok = np.zeros(n, dtype=np.int8)  # which end moved last: 1 hi, -1 lo, 0 none
-        people = np.flatnonzero(found)
-        for _ in range(SECANT_ROUNDS):
-            u = _Bracket(lo[people], lo_gap[people], hi[people], hi_gap[people], found[people])
-            u = u.root() * (1 + SECANT_AIM)
-            moves = u < hi[people] * (1 - SECANT_TOLERANCE)
-            people, u = people[moves], u[moves]
+        bracket = _Bracket(*(np.where(reverse, b, a) for a, b in zip(ahead, back, strict=True)))
+        return bracket, np.where(reverse, -1.0, 1.0)
+
+    def _staged_gaps(
+        self, line: _Line, rows: npt.NDArray[np.int64]
+    ) -> tuple[FloatArray, FloatArray]:
+        """The scales of :data:`LARGE_STAGES` by size and, per row, the logit gaps at them
+        (nan where a stage was skipped)."""
+        n = len(rows)
+        scales = np.concatenate(LARGE_STAGES)
+        gaps = np.full((n, len(scales)), np.nan)
+        pending = np.ones(n, dtype=bool)
+        offset = 0
+        for stage in LARGE_STAGES:
+            people = np.flatnonzero(pending)
             if not people.size:
                 break
-            gap = self._gaps(line, people, sign[people] * u, exact=exact)
-            ok = gap >= 0
-            # Illinois: an end that stays twice has its gap halved, against one-sided
-            # convergence where the logit bends.
-            lo_gap[people] *= np.where(ok & (last_ok[people] == 1), 0.5, 1.0)
-            hi_gap[people] *= np.where(~ok & (last_ok[people] == -1), 0.5, 1.0)
-            last_ok[people] = np.where(ok, 1, -1)
-            hi[people] = np.where(ok, u, hi[people])
-            hi_gap[people] = np.where(ok, gap, hi_gap[people])
-            lo[people] = np.where(ok, lo[people], u)
-            lo_gap[people] = np.where(ok, lo_gap[people], gap)
-        return np.where(found, sign * hi, np.nan)
+            stage_rows = np.tile(rows[people], len(stage))
+            stage_gaps = self._gaps(line, stage_rows, np.repeat(stage, len(people)), exact=False)
+            stage_gaps = stage_gaps.reshape(len(stage), len(people)).T
+            gaps[people, offset : offset + len(stage)] = stage_gaps
+            accepted = stage_gaps >= 0
+            extreme = np.abs(stage) >= GRID_REACH
+            pending[people] = accepted[:, extreme].any(axis=1) & ~accepted[:, ~extreme].any(axis=1)
+            offset += len(stage)
+        order = np.lexsort((scales < 0, np.abs(scales)))  # by size, as within a stage
+        return scales[order], gaps[:, order]
 
-    def _scaled(self, line: _Line, rows: npt.NDArray[np.int64] | None, t: FloatArray) -> FloatArray:
-        """The values of line rows ``rows`` (None: all) at scales ``t``, projected."""
-        pick = slice(None) if rows is None else rows
-        values = line.start[pick] + t[:, None] * line.step[pick]
-        return project_values(self.amortizer.spec, values, line.lower[pick], line.upper[pick])
+    def _scaled(self, line: _Line, t: FloatArray) -> FloatArray:
+        """The values of every line row at scales ``t``, projected."""
+        values = line.start + t[:, None] * line.step
+        return project_values(self.amortizer.spec, values, line.lower, line.upper)
 
     def _gaps(
         self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray, *, exact: bool
     ) -> FloatArray:
         """Logit minus the acceptance threshold of line row ``rows[i]`` at scale ``t[i]``."""
-        values = line.x[rows]
-        values[:, self.columns] = self._scaled(line, rows, t)
+        packed = line.table[rows]  # one gather for all the row's numbers
+        f, k = line.x.shape[1], len(self.columns)
+        start, step, lower, upper = (
+            packed[:, 2 * f + i * k : 2 * f + (i + 1) * k] for i in range(4)
+        )
+        values = packed[:, :f]
+        values[:, self.columns] = project_values(
+            self.amortizer.spec, start + t[:, None] * step, lower, upper
+        )
         # Only the shape of the factual rows matters once the noise is given.
         counterfactual = self.scm.propagate_counterfactual(
-            values, line.intervene[rows], values, line.noise[rows]
+            values, line.intervene[rows], values, packed[:, f : 2 * f]
         )
         return self._gap(counterfactual, exact=exact)
 
@@ -545,6 +682,12 @@ class _Line:
     step: FloatArray
     lower: FloatArray
     upper: FloatArray
+    table: FloatArray = field(init=False, repr=False)
+    """The float fields side by side, so that an evaluation gathers its rows once."""
+
+    def __post_init__(self) -> None:
+        parts = (self.x, self.noise, self.start, self.step, self.lower, self.upper)
+        object.__setattr__(self, "table", np.hstack(parts))
 
 
 class _Bracket(NamedTuple):
@@ -580,11 +723,18 @@ class _Bracket(NamedTuple):
 
     def root(self) -> FloatArray:
         """Where the secant through both ends crosses the threshold (inf: no bracket)."""
-        rise = self.hi_gap - self.lo_gap
-        with np.errstate(divide="ignore", invalid="ignore"):
-            share = np.clip(-self.lo_gap / rise, 0.0, 1.0)
-        share = np.where(rise > 0, share, 1.0)
-        return np.where(self.found, self.lo + share * (self.hi - self.lo), np.inf)
+        root = _secant_root(self.lo, self.lo_gap, self.hi, self.hi_gap)
+        return np.where(self.found, root, np.inf)
+
+
+def _secant_root(
+    lo: FloatArray, lo_gap: FloatArray, hi: FloatArray, hi_gap: FloatArray
+) -> FloatArray:
+    """Where the chord through (lo, lo_gap) and (hi, hi_gap) crosses 0, within [lo, hi]."""
+    rise = hi_gap - lo_gap
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.clip(-lo_gap / rise, 0.0, 1.0)
+    return lo + np.where(rise > 0, share, 1.0) * (hi - lo)
 
 
 @dataclass(frozen=True, eq=False)
@@ -593,7 +743,9 @@ class _Float32Network:
 
     def forward(self, a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         for weights, bias in self.layers[:-1]:
-            a = np.maximum(a @ weights + bias, np.float32(0))
+            a = a @ weights
+            a += bias  # in place: these arrays are the line search's largest
+            np.maximum(a, np.float32(0), out=a)
         weights, bias = self.layers[-1]
         return a @ weights + bias
 
@@ -609,14 +761,16 @@ def _folded_float32(classifier: Classifier) -> _Float32Network:
     return _Float32Network(tuple((w.astype(np.float32), b.astype(np.float32)) for w, b in layers))
 
 
-def _top_chances(logits: FloatArray, count: int) -> FloatArray:
-    """(count, n): the network's probabilities of each person's ``count`` best patterns."""
-    finite = np.isfinite(logits)
-    top = np.max(np.where(finite, logits, -np.inf), axis=1, keepdims=True)
-    weights = np.where(finite, np.exp(logits - np.where(np.isfinite(top), top, 0.0)), 0.0)
+def _top_patterns(logits: FloatArray, count: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """(n, count) each person's ``count`` best patterns, best first, and (count, n) the
+    network's probabilities of them (0: not allowed)."""
+    ranked = np.argsort(-logits, axis=1, kind="stable")[:, :count]
+    top = np.take_along_axis(logits, ranked[:, :1], axis=1)
+    top = np.where(np.isfinite(top), top, 0.0)
+    weights = np.exp(logits - top)  # exp(-inf) = 0 for the patterns not allowed
     total = weights.sum(axis=1, keepdims=True)
-    chances = -np.sort(-weights, axis=1)[:, :count] / np.where(total > 0, total, 1.0)
-    return chances.T
+    chances = np.take_along_axis(weights, ranked, axis=1) / np.where(total > 0, total, 1.0)
+    return ranked, chances.T
 
 
 def _actionable_ancestors(scm: StructuralCausalModel) -> BoolArray:
