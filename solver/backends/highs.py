@@ -11,6 +11,7 @@ program whole (so that its answer does not depend on the programs solved before)
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -74,6 +75,12 @@ _SEARCH = {"mip_allow_restart": False, "mip_root_presolve_only": True}
 _ENUMERATED_BINARIES = 3
 
 
+@functools.cache
+def _assignments(count: int) -> tuple[np.ndarray, ...]:
+    """Every 0/1 assignment of ``count`` binaries, as bound arrays for ``changeColsBounds``."""
+    return tuple(np.array(values) for values in itertools.product((0.0, 1.0), repeat=count))
+
+
 class HighsBackend(Backend):
     """HiGHS MIP solver, one thread, gaps 0, model kept between solves of one pattern."""
 
@@ -98,6 +105,9 @@ class HighsBackend(Backend):
         lp.setOptionValue("output_flag", False)
         # The LPs of one program differ in a few bounds: the last basis beats a presolve.
         lp.setOptionValue("presolve", "off")
+        # Scaling these small, well-conditioned LPs costs more than it saves: 8% less time
+        # in the enumeration of Loan-LR programs (interleaved, 200 people, same optima).
+        lp.setOptionValue("simplex_scale_strategy", 0)
         self._lp = _KeptModel(lp, relaxed=True)
         self._settings: tuple[float, ...] | None = None
 
@@ -189,9 +199,8 @@ class HighsBackend(Backend):
         self._lp.pass_model(milp)
         best: tuple[float, np.ndarray] | None = None
         runtime = 0.0
-        for assignment in itertools.product((0.0, 1.0), repeat=len(free)):
+        for fixed in _assignments(len(free)):
             if len(free):
-                fixed = np.array(assignment)
                 h.changeColsBounds(len(free), free, fixed, fixed)
             start = time.perf_counter()
             h.run()
@@ -201,10 +210,10 @@ class HighsBackend(Backend):
                 continue
             if status_name != "kOptimal":
                 return None
-            objective = float(h.getInfo().objective_function_value)
+            objective = h.getObjectiveValue()
             if best is None or objective < best[0]:
                 solution = np.array(h.getSolution().col_value)
-                solution[free] = assignment
+                solution[free] = fixed
                 best = (objective, solution)
         if best is None:
             return BackendResult(SolveStatus.INFEASIBLE, None, None, None, runtime, "kInfeasible")
@@ -229,6 +238,7 @@ class _KeptModel:
         previous = self.loaded
         if previous is None or previous.pattern_key != milp.pattern_key or not milp.pattern_key:
             self.pass_model(milp)
+            self.entry_rows = np.repeat(np.arange(milp.num_rows), np.diff(milp.row_start))
             return
         cols = np.arange(milp.num_cols, dtype=np.int32)
         h.changeColsBounds(milp.num_cols, cols, milp.col_lower, milp.col_upper)
@@ -266,6 +276,3 @@ class _KeptModel:
             ]
         h.passModel(lp)
         self.loaded = milp
-        self.entry_rows = np.repeat(np.arange(milp.num_rows), np.diff(milp.row_start)).astype(
-            np.int64
-        )
