@@ -417,7 +417,7 @@ class RecourseSolver:
             if solution[f.m_col[k]] < 0.5:
                 continue
             j = self.scm.index[k]
-            a = self.cost.coefficient(k, ctx.constraints.weight(k))
+            a = ctx.cost_coefficients[k]
             delta = solution[f.x_col[k]] - ctx.x[j]
             true_cost = a * delta * delta
             if true_cost - solution[f.c_col[k]] <= _CUT_TOLERANCE * (1 + true_cost):

@@ -106,6 +106,8 @@ class PersonContext:
     cost_budget: float | None
     margin: float
     """Validity margin in logit units for this solve."""
+    cost_coefficients: dict[str, float] = field(default_factory=dict)
+    """a_k of the cost profile with this person's weight, per actionable feature."""
     tangent_points: dict[str, FloatArray] = field(default_factory=dict)
     forced: frozenset[str] = frozenset()
     """Features this solve acts on for sure (m_k = 1): the engine's mask decomposition."""
@@ -127,20 +129,30 @@ def _value(coef: Coef, ctx: PersonContext) -> float:
 
 
 def _add(a: Coef, b: Coef) -> Coef:
-    if isinstance(a, float | int) and isinstance(b, float | int):
-        return float(a + b)
-    return lambda ctx: _value(a, ctx) + _value(b, ctx)
+    # A constant side is bound as a number: these closures run once per person and
+    # coefficient, and nest as deep as the expressions they come from.
+    if isinstance(a, float | int):
+        if isinstance(b, float | int):
+            return float(a + b)
+        return lambda ctx: a + b(ctx)
+    if isinstance(b, float | int):
+        return lambda ctx: a(ctx) + b
+    return lambda ctx: a(ctx) + b(ctx)
 
 
 def _mul(a: Coef, b: Coef) -> Coef:
-    if isinstance(a, float | int) and isinstance(b, float | int):
-        return float(a * b)
-    return lambda ctx: _value(a, ctx) * _value(b, ctx)
+    if isinstance(a, float | int):
+        if isinstance(b, float | int):
+            return float(a * b)
+        return lambda ctx: a * b(ctx)
+    if isinstance(b, float | int):
+        return lambda ctx: a(ctx) * b
+    return lambda ctx: a(ctx) * b(ctx)
 
 
 def _pad(m: float) -> float:
     """A big-M constant: never negative, a hair larger than the interval says."""
-    return max(0.0, m) * (1 + _PAD_REL) + _PAD_ABS
+    return (m if m > 0.0 else 0.0) * (1 + _PAD_REL) + _PAD_ABS
 
 
 def _finite(v: FloatArray) -> FloatArray:
@@ -460,7 +472,7 @@ class RecourseFormulation:
         x, m, c, v = self.x_col[k], self.m_col[k], self.c_col[k], self.v_col[k]
 
         def a(ctx: PersonContext) -> float:
-            return self.cost.coefficient(k, ctx.constraints.weight(k))
+            return ctx.cost_coefficients[k]
 
         def delta_range(ctx: PersonContext) -> tuple[float, float]:
             lo, hi = ctx.box[k]
@@ -470,7 +482,8 @@ class RecourseFormulation:
             for sign in (1.0, -1.0):
 
                 def big_m(ctx: PersonContext, sign: float = sign) -> float:
-                    return _pad(a(ctx) * max(sign * d for d in delta_range(ctx)))
+                    low, high = delta_range(ctx)
+                    return _pad(a(ctx) * (max(low, high) if sign > 0 else max(-low, -high)))
 
                 # c >= sign a (x' - x^F) - W (1 - m)
                 t.add_row(
@@ -869,6 +882,9 @@ class RecourseFormulation:
             cost_budget=cost_budget,
             margin=self.margin if margin is None else margin,
             forced=frozenset(forced) & frozenset(intervention),
+            cost_coefficients={
+                k: self.cost.coefficient(k, constraints.weight(k)) for k in self.actionable
+            },
         )
         ctx.neuron_bounds = self._neuron_bounds(ctx, memo)
         if self.cost.kind == "carma":
@@ -972,10 +988,7 @@ class RecourseFormulation:
             & (factual <= upper)
         )
         rate = np.array(
-            [
-                self.cost.coefficient(n, ctx.constraints.weight(n)) if root else 1.0
-                for n, root in zip(free, roots, strict=True)
-            ]
+            [ctx.cost_coefficients[n] if root else 1.0 for n, root in zip(free, roots, strict=True)]
         )
         budget = float(ctx.cost_budget or 0.0) * (1 + 1e-7) + 1e-9
         # Split the coordinates once: the per-row work below is a few numpy calls, which
