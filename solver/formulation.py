@@ -20,7 +20,9 @@ Rows, with ``n_j = g_j(x'_parents) + u_j`` the value j's equation gives:
   box below); a locked k has ``m_k = 0``;
 - ``g_j`` linearized exactly for sums, products with a factor no action can change (a
   per-person coefficient), max / min / abs / indicator (one binary each, big-M from the
-  intervals), and by piecewise-linear interpolation (incremental formulation, ``breakpoints``
+  intervals; a max / min of an actionable feature also gets two cuts tying its binary to
+  that feature's ``m_k`` where the intervals decide the choice), and by piecewise-linear
+  interpolation (incremental formulation, ``breakpoints``
   segments over the argument's interval) for sigmoid / exp / log / powers of reachable terms;
 - classifier, on standardized inputs (standardization folded into the coefficients):
   logistic regression ``w.x' + b >= logit(threshold) + margin``; a ReLU MLP neuron
@@ -720,7 +722,60 @@ class RecourseFormulation:
         t.add_linear_row(f"{label}_le_first", sa, {y: sense, z: m1}, -INF, m1)
         # s y - s b - M2 z <= 0
         t.add_linear_row(f"{label}_le_second", sb, {y: sense, z: lambda ctx: -m2(ctx)}, -INF, 0.0)
+        for side in (left, right):
+            if isinstance(side, Var) and side.name in self.m_col:
+                self._add_choice_cuts(label, z, side, left, right, sense)
         return LinearForm({y: 1.0})
+
+    def _add_choice_cuts(
+        self, label: str, z: int, side: Var, left: Expr, right: Expr, sense: float
+    ) -> None:
+        """Which argument a max/min picks, per value of the act binary of one argument.
+
+        With m_k = 0 the actionable feature k takes the value its equation gives (within
+        ``natural``), with m_k = 1 a value within its intervention range: either may fix
+        the choice z (1: the first argument) that the bounds of z, taken over k's whole box,
+        leave open. Rows z >= l0 (1 - m) + l1 m and z <= u0 (1 - m) + u1 m: valid cuts, and
+        a program with few free binaries drops an assignment that violates them without an
+        LP (on Loan, savings' max(income, 0) when income follows its parents).
+        """
+        k = side.name
+        m = self.m_col[k]
+
+        def choices(ctx: PersonContext) -> tuple[float, float, float, float]:
+            ranges = [ctx.natural[k], ctx.intervention.get(k)]
+            out = []
+            for values in ranges:
+                if values is None:  # m_k = 1 is excluded by its bounds
+                    out.append((0.0, 1.0))
+                    continue
+                intervals = [
+                    values if node is side else ctx.interval(node) for node in (left, right)
+                ]
+                (alo, ahi), (blo, bhi) = [
+                    (lo, hi) if sense > 0 else (-hi, -lo) for lo, hi in intervals
+                ]
+                # Padded like the columns' bounds: a choice is fixed only beyond rounding.
+                first = 1.0 if _widen_low(alo) >= _widen_high(bhi) else 0.0
+                second = 0.0 if _widen_low(blo) > _widen_high(ahi) else 1.0
+                out.append((first, second))
+            (l0, u0), (l1, u1) = out
+            return l0, u0, l1, u1
+
+        t = self.template
+        # z + (l0 - l1) m >= l0  and  z + (u0 - u1) m <= u0
+        t.add_row(
+            f"{label}_choice_low[{k}]",
+            {z: 1.0, m: lambda ctx: choices(ctx)[0] - choices(ctx)[2]},
+            lambda ctx: choices(ctx)[0],
+            INF,
+        )
+        t.add_row(
+            f"{label}_choice_high[{k}]",
+            {z: 1.0, m: lambda ctx: choices(ctx)[1] - choices(ctx)[3]},
+            -INF,
+            lambda ctx: choices(ctx)[1],
+        )
 
     def _indicator(self, expr: Call, owner: str, j: int) -> LinearForm:
         """z = 1 if a >= 0 else 0: a >= l (1 - z), a <= (u + eps) z - eps."""

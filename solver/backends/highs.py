@@ -6,7 +6,8 @@ passed: column and row bounds, costs, and the coefficients whose value moved. Hi
 presolve then removes what the new bounds fix (stable neurons, locked features). A
 program whose integer columns are all fixed by their bounds but for a few binaries is
 solved as one LP per assignment of those, by a second ``Highs`` object that gets each
-program whole (so that its answer does not depend on the programs solved before).
+program whole (so that its answer does not depend on the programs solved before); an
+assignment that violates a row on integer columns only gets no LP.
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ class HighsBackend(Backend):
         # in the enumeration of Loan-LR programs (interleaved, 200 people, same optima).
         lp.setOptionValue("simplex_scale_strategy", 0)
         self._lp = _KeptModel(lp, relaxed=True)
+        # Per program pattern: the rows on integer columns only (see _within_integer_rows).
+        self._integer_rows: dict[tuple[int, ...], tuple[np.ndarray, ...]] = {}
         self._settings: tuple[float, ...] | None = None
 
     @classmethod
@@ -203,7 +206,11 @@ class HighsBackend(Backend):
         self._lp.pass_model(milp)
         best: tuple[float, np.ndarray] | None = None
         runtime = 0.0
-        for fixed in _assignments(len(free)):
+        assignments = _assignments(len(free))
+        possible = self._within_integer_rows(milp, free, assignments)
+        for fixed, row_feasible in zip(assignments, possible, strict=True):
+            if not row_feasible:
+                continue  # a row on integer columns only is violated: the LP is infeasible
             if len(free):
                 h.changeColsBounds(len(free), free, fixed, fixed)
             start = time.perf_counter()
@@ -225,6 +232,34 @@ class HighsBackend(Backend):
         return BackendResult(
             SolveStatus.OPTIMAL, solution, objective, objective, runtime, "kOptimal"
         )
+
+    def _within_integer_rows(
+        self, milp: NumericMILP, free: np.ndarray, assignments: tuple[np.ndarray, ...]
+    ) -> np.ndarray:
+        """Per assignment of the ``free`` binaries: whether the rows whose every entry is
+        on an integer column (all fixed then) hold, with a margin far above the LPs'
+        tolerances, so that only assignments whose LP is infeasible are left out."""
+        rows = self._integer_rows.get(milp.pattern_key) if milp.pattern_key else None
+        if rows is None:
+            continuous = ~milp.integer[milp.col_index]
+            row_of_entry = np.repeat(np.arange(milp.num_rows), np.diff(milp.row_start))
+            rows = np.bincount(row_of_entry, weights=continuous, minlength=milp.num_rows) == 0
+            rows = (row_of_entry, rows[row_of_entry], np.flatnonzero(rows))
+            if milp.pattern_key:
+                self._integer_rows[milp.pattern_key] = rows
+        row_of_entry, on_integer_rows, integer_rows = rows
+        if not len(integer_rows):
+            return np.ones(len(assignments), dtype=bool)
+        values = np.repeat(milp.col_lower[None, :], len(assignments), axis=0)
+        values[:, free] = assignments
+        entries = np.flatnonzero(on_integer_rows)
+        contributions = values[:, milp.col_index[entries]] * milp.values[entries]
+        activity = np.zeros((len(assignments), milp.num_rows))
+        np.add.at(activity.T, row_of_entry[entries], contributions.T)
+        activity = activity[:, integer_rows]
+        lower, upper = milp.row_lower[integer_rows], milp.row_upper[integer_rows]
+        margin = 1e-6 * (1 + np.abs(activity))
+        return np.all((activity >= lower - margin) & (activity <= upper + margin), axis=1)
 
 
 class _KeptModel:
