@@ -417,7 +417,7 @@ class RecourseSolver:
             if solution[f.m_col[k]] < 0.5:
                 continue
             j = self.scm.index[k]
-            a = self.cost.coefficient(k, ctx.constraints.weight(k))
+            a = ctx.cost_coefficients[k]
             delta = solution[f.x_col[k]] - ctx.x[j]
             true_cost = a * delta * delta
             if true_cost - solution[f.c_col[k]] <= _CUT_TOLERANCE * (1 + true_cost):
@@ -462,35 +462,48 @@ class RecourseSolver:
         person to do so would be noise.
         """
         # One propagation per batch of candidates, not one per acted feature: row i leaves
-        # candidate i alone under the current interventions. Scanning the rows in column
-        # order and dropping each no-op replays the feature-by-feature scan exactly until a
-        # candidate descends from a feature dropped in this batch whose natural value is
-        # not exactly the value set (so the candidate's natural value may have moved by up
-        # to the tolerance): the next batch starts there.
+        # candidate i alone under the current interventions, row n + i also every earlier
+        # candidate that i descends from (candidates are in column order, which is
+        # topological). Scanning the candidates in order and dropping each no-op replays
+        # the feature-by-feature scan exactly: i's natural value depends only on which of
+        # its candidate ancestors were dropped, so row i is right when none was dropped at
+        # a value other than the one set (only that moves i), and row n + i when all were.
+        # Otherwise (rare) the next batch starts at i.
         candidates = np.flatnonzero(intervene)
         while len(candidates):
-            rows = len(candidates)
-            without = np.repeat(intervene[None, :], rows, axis=0)
-            without[np.arange(rows), candidates] = False
+            count = len(candidates)
+            # earlier[i, j]: candidate i descends from candidate j (so j comes before i).
+            earlier = self._ancestors[np.ix_(candidates, candidates)]
+            alone = np.repeat(intervene[None, :], count, axis=0)
+            alone[np.arange(count), candidates] = False
+            with_ancestors = alone.copy()
+            with_ancestors[:, candidates] &= ~earlier
+            rows = 2 * count
             natural = self.scm.propagate_counterfactual(
                 np.broadcast_to(x, (rows, len(x))),
-                without,
+                np.concatenate([alone, with_ancestors]),
                 np.broadcast_to(values, (rows, len(x))),
                 np.broadcast_to(noise, (rows, len(x))),
-            )[np.arange(rows), candidates]
-            target = values[candidates]
-            no_op = np.abs(natural - target) <= 1e-9 * (1 + np.abs(target))
+            )[np.arange(rows), np.tile(candidates, 2)].tolist()
+            targets = values[candidates].tolist()
             intervene = intervene.copy()
-            dropped = np.zeros(len(x), dtype=bool)
-            restart = rows
-            for i, k in enumerate(candidates):
-                if np.any(self._ancestors[k] & dropped):
+            dropped = [False] * count
+            moved = [False] * count  # dropped at a value other than the one set
+            restart = count
+            for i, ancestors in enumerate(np.flatnonzero(row).tolist() for row in earlier):
+                if not any(moved[j] for j in ancestors):
+                    value = natural[i]
+                elif all(dropped[j] for j in ancestors):
+                    value = natural[count + i]
+                else:
                     restart = i
                     break
-                if no_op[i]:
-                    intervene[k] = False
-                    # Left to its equation at exactly the value set, k changes nothing.
-                    dropped[k] = natural[i] != target[i]
+                target = targets[i]
+                if abs(value - target) <= 1e-9 * (1 + abs(target)):
+                    intervene[candidates[i]] = False
+                    dropped[i] = True
+                    # Left to its equation at exactly the value set, i changes nothing.
+                    moved[i] = value != target
             candidates = candidates[restart:]
         return intervene
 

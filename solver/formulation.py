@@ -20,7 +20,9 @@ Rows, with ``n_j = g_j(x'_parents) + u_j`` the value j's equation gives:
   box below); a locked k has ``m_k = 0``;
 - ``g_j`` linearized exactly for sums, products with a factor no action can change (a
   per-person coefficient), max / min / abs / indicator (one binary each, big-M from the
-  intervals), and by piecewise-linear interpolation (incremental formulation, ``breakpoints``
+  intervals; a max / min of an actionable feature also gets two cuts tying its binary to
+  that feature's ``m_k`` where the intervals decide the choice), and by piecewise-linear
+  interpolation (incremental formulation, ``breakpoints``
   segments over the argument's interval) for sigmoid / exp / log / powers of reachable terms;
 - classifier, on standardized inputs (standardization folded into the coefficients):
   logistic regression ``w.x' + b >= logit(threshold) + margin``; a ReLU MLP neuron
@@ -106,6 +108,8 @@ class PersonContext:
     cost_budget: float | None
     margin: float
     """Validity margin in logit units for this solve."""
+    cost_coefficients: dict[str, float] = field(default_factory=dict)
+    """a_k of the cost profile with this person's weight, per actionable feature."""
     tangent_points: dict[str, FloatArray] = field(default_factory=dict)
     forced: frozenset[str] = frozenset()
     """Features this solve acts on for sure (m_k = 1): the engine's mask decomposition."""
@@ -127,20 +131,30 @@ def _value(coef: Coef, ctx: PersonContext) -> float:
 
 
 def _add(a: Coef, b: Coef) -> Coef:
-    if isinstance(a, float | int) and isinstance(b, float | int):
-        return float(a + b)
-    return lambda ctx: _value(a, ctx) + _value(b, ctx)
+    # A constant side is bound as a number: these closures run once per person and
+    # coefficient, and nest as deep as the expressions they come from.
+    if isinstance(a, float | int):
+        if isinstance(b, float | int):
+            return float(a + b)
+        return lambda ctx: a + b(ctx)
+    if isinstance(b, float | int):
+        return lambda ctx: a(ctx) + b
+    return lambda ctx: a(ctx) + b(ctx)
 
 
 def _mul(a: Coef, b: Coef) -> Coef:
-    if isinstance(a, float | int) and isinstance(b, float | int):
-        return float(a * b)
-    return lambda ctx: _value(a, ctx) * _value(b, ctx)
+    if isinstance(a, float | int):
+        if isinstance(b, float | int):
+            return float(a * b)
+        return lambda ctx: a * b(ctx)
+    if isinstance(b, float | int):
+        return lambda ctx: a(ctx) * b
+    return lambda ctx: a(ctx) * b(ctx)
 
 
 def _pad(m: float) -> float:
     """A big-M constant: never negative, a hair larger than the interval says."""
-    return max(0.0, m) * (1 + _PAD_REL) + _PAD_ABS
+    return (m if m > 0.0 else 0.0) * (1 + _PAD_REL) + _PAD_ABS
 
 
 def _finite(v: FloatArray) -> FloatArray:
@@ -460,7 +474,7 @@ class RecourseFormulation:
         x, m, c, v = self.x_col[k], self.m_col[k], self.c_col[k], self.v_col[k]
 
         def a(ctx: PersonContext) -> float:
-            return self.cost.coefficient(k, ctx.constraints.weight(k))
+            return ctx.cost_coefficients[k]
 
         def delta_range(ctx: PersonContext) -> tuple[float, float]:
             lo, hi = ctx.box[k]
@@ -470,7 +484,8 @@ class RecourseFormulation:
             for sign in (1.0, -1.0):
 
                 def big_m(ctx: PersonContext, sign: float = sign) -> float:
-                    return _pad(a(ctx) * max(sign * d for d in delta_range(ctx)))
+                    low, high = delta_range(ctx)
+                    return _pad(a(ctx) * (max(low, high) if sign > 0 else max(-low, -high)))
 
                 # c >= sign a (x' - x^F) - W (1 - m)
                 t.add_row(
@@ -707,7 +722,60 @@ class RecourseFormulation:
         t.add_linear_row(f"{label}_le_first", sa, {y: sense, z: m1}, -INF, m1)
         # s y - s b - M2 z <= 0
         t.add_linear_row(f"{label}_le_second", sb, {y: sense, z: lambda ctx: -m2(ctx)}, -INF, 0.0)
+        for side in (left, right):
+            if isinstance(side, Var) and side.name in self.m_col:
+                self._add_choice_cuts(label, z, side, left, right, sense)
         return LinearForm({y: 1.0})
+
+    def _add_choice_cuts(
+        self, label: str, z: int, side: Var, left: Expr, right: Expr, sense: float
+    ) -> None:
+        """Which argument a max/min picks, per value of the act binary of one argument.
+
+        With m_k = 0 the actionable feature k takes the value its equation gives (within
+        ``natural``), with m_k = 1 a value within its intervention range: either may fix
+        the choice z (1: the first argument) that the bounds of z, taken over k's whole box,
+        leave open. Rows z >= l0 (1 - m) + l1 m and z <= u0 (1 - m) + u1 m: valid cuts, and
+        a program with few free binaries drops an assignment that violates them without an
+        LP (on Loan, savings' max(income, 0) when income follows its parents).
+        """
+        k = side.name
+        m = self.m_col[k]
+
+        def choices(ctx: PersonContext) -> tuple[float, float, float, float]:
+            ranges = [ctx.natural[k], ctx.intervention.get(k)]
+            out = []
+            for values in ranges:
+                if values is None:  # m_k = 1 is excluded by its bounds
+                    out.append((0.0, 1.0))
+                    continue
+                intervals = [
+                    values if node is side else ctx.interval(node) for node in (left, right)
+                ]
+                (alo, ahi), (blo, bhi) = [
+                    (lo, hi) if sense > 0 else (-hi, -lo) for lo, hi in intervals
+                ]
+                # Padded like the columns' bounds: a choice is fixed only beyond rounding.
+                first = 1.0 if _widen_low(alo) >= _widen_high(bhi) else 0.0
+                second = 0.0 if _widen_low(blo) > _widen_high(ahi) else 1.0
+                out.append((first, second))
+            (l0, u0), (l1, u1) = out
+            return l0, u0, l1, u1
+
+        t = self.template
+        # z + (l0 - l1) m >= l0  and  z + (u0 - u1) m <= u0
+        t.add_row(
+            f"{label}_choice_low[{k}]",
+            {z: 1.0, m: lambda ctx: choices(ctx)[0] - choices(ctx)[2]},
+            lambda ctx: choices(ctx)[0],
+            INF,
+        )
+        t.add_row(
+            f"{label}_choice_high[{k}]",
+            {z: 1.0, m: lambda ctx: choices(ctx)[1] - choices(ctx)[3]},
+            -INF,
+            lambda ctx: choices(ctx)[1],
+        )
 
     def _indicator(self, expr: Call, owner: str, j: int) -> LinearForm:
         """z = 1 if a >= 0 else 0: a >= l (1 - z), a <= (u + eps) z - eps."""
@@ -869,6 +937,9 @@ class RecourseFormulation:
             cost_budget=cost_budget,
             margin=self.margin if margin is None else margin,
             forced=frozenset(forced) & frozenset(intervention),
+            cost_coefficients={
+                k: self.cost.coefficient(k, constraints.weight(k)) for k in self.actionable
+            },
         )
         ctx.neuron_bounds = self._neuron_bounds(ctx, memo)
         if self.cost.kind == "carma":
@@ -972,10 +1043,7 @@ class RecourseFormulation:
             & (factual <= upper)
         )
         rate = np.array(
-            [
-                self.cost.coefficient(n, ctx.constraints.weight(n)) if root else 1.0
-                for n, root in zip(free, roots, strict=True)
-            ]
+            [ctx.cost_coefficients[n] if root else 1.0 for n, root in zip(free, roots, strict=True)]
         )
         budget = float(ctx.cost_budget or 0.0) * (1 + 1e-7) + 1e-9
         # Split the coordinates once: the per-row work below is a few numpy calls, which

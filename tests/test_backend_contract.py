@@ -131,6 +131,25 @@ def fractional_relaxation(integer: bool = True) -> NumericMILP:
     )
 
 
+def binaries_with_a_pure_row(at_least: float = -INF) -> NumericMILP:
+    """Three binaries a, b, c and w in [0, 5]: min -3a - 2b - c + w with rows
+    at_least <= a + b + c, a + b <= 1 (on integer columns only), w - 0.5 c >= 0.5.
+
+    w = 0.5 c + 0.5, so the objective is -3a - 2b - 0.5c + 0.5; without the pure row a = b
+    = 1 would win. With it: a = 1, b = 0, c = 1, w = 1, objective -3 (unique). With
+    ``at_least`` 3 no assignment satisfies both pure rows: infeasible.
+    """
+    return make_milp(
+        [[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, -0.5, 1]],
+        [at_least, -INF, 0.5],
+        [INF, 1, INF],
+        [-3, -2, -1, 1],
+        [0, 0, 0, 0],
+        [1, 1, 1, 5],
+        [True, True, True, False],
+    )
+
+
 @pytest.fixture(params=list(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> Backend:
     backend_class = BACKENDS[request.param]
@@ -167,6 +186,14 @@ def test_infeasible_has_no_solution(backend: Backend) -> None:
     assert result.status is SolveStatus.INFEASIBLE, result.message
     assert result.solution is None
     assert result.objective is None
+
+
+def test_rows_on_binaries_only_exclude_assignments(backend: Backend) -> None:
+    # HiGHS enumerates these three binaries as LPs, skipping the excluded assignments.
+    assert_optimal(backend, binaries_with_a_pure_row(), -3.0, [1, 0, 1, 1])
+    result = backend.solve(binaries_with_a_pure_row(at_least=3), SETTINGS)
+    assert result.status is SolveStatus.INFEASIBLE, result.message
+    assert result.solution is None
 
 
 def test_offset_ranged_row_and_free_column(backend: Backend) -> None:

@@ -96,3 +96,44 @@ def test_locked_features_do_not_turn_an_optimum_into_a_solve_error(loan_scm, loa
         assert result.status is SolveStatus.OPTIMAL, (backend, result.message)
         assert result.verified
         assert result.cost == pytest.approx(0.16976213113, rel=1e-6)
+
+
+def test_no_op_interventions_are_dropped_as_one_by_one(loan_scm, loan_lr) -> None:
+    # The engine checks its candidates in batches; the answer must be the one-by-one scan's.
+    scm = loan_scm
+
+    def propagate(x, intervene, values, noise):
+        return scm.propagate_counterfactual(x[None], intervene[None], values[None], noise[None])[0]
+
+    solver = RecourseSolver(scm, loan_lr, CostProfile.for_model("l1", scm, loan_lr))
+    rng = np.random.default_rng(5)
+    actionable = [scm.index[k] for k in scm.actionable]
+    people = rejected(scm, loan_lr, 60, seed=3)
+    dropped_below_a_dropped_ancestor = 0
+    for x in people:
+        noise = scm.abduct_noise(x[None, :])[0]
+        intervene = np.zeros(len(x), dtype=bool)
+        intervene[rng.choice(actionable, size=rng.integers(1, 5), replace=False)] = True
+        # Each set feature: its factual value, a random one, or the value its equation
+        # gives under the features set before it (a no-op when nothing before it moves).
+        values = x.copy()
+        for k in np.flatnonzero(intervene):
+            kind = rng.integers(3)
+            if kind == 1:
+                values[k] = rng.uniform(scm.lower[k], scm.upper[k])
+            elif kind == 2:
+                before = intervene & (np.arange(len(x)) < k)
+                values[k] = propagate(x, before, values, noise)[k]
+        expected = intervene.copy()
+        for k in np.flatnonzero(intervene):
+            without = expected.copy()
+            without[k] = False
+            natural = propagate(x, without, values, noise)[k]
+            if abs(natural - values[k]) <= 1e-9 * (1 + abs(values[k])):
+                expected[k] = False
+                dropped_below_a_dropped_ancestor += bool(
+                    np.any(solver._ancestors[k] & intervene & ~expected)
+                )
+        got = solver._drop_no_op_interventions(x, noise, intervene, values)
+        np.testing.assert_array_equal(got, expected)
+    assert dropped_below_a_dropped_ancestor > 0

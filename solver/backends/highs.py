@@ -6,12 +6,13 @@ passed: column and row bounds, costs, and the coefficients whose value moved. Hi
 presolve then removes what the new bounds fix (stable neurons, locked features). A
 program whose integer columns are all fixed by their bounds but for a few binaries is
 solved as one LP per assignment of those, by a second ``Highs`` object that gets each
-program whole (so that its answer does not depend on the programs solved before).
+program whole (so that its answer does not depend on the programs solved before); an
+assignment that violates a row on integer columns only gets no LP.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import logging
 import time
 from typing import Any
@@ -74,6 +75,17 @@ _SEARCH = {"mip_allow_restart": False, "mip_root_presolve_only": True}
 _ENUMERATED_BINARIES = 3
 
 
+@functools.cache
+def _assignments(count: int) -> tuple[np.ndarray, ...]:
+    """Every 0/1 assignment of ``count`` binaries, as bound arrays for ``changeColsBounds``,
+    in Gray-code order: each differs from the one before in one binary, so the last basis
+    is closer to the next optimum (measured: 2% less time per Loan-LR person)."""
+    codes = [i ^ (i >> 1) for i in range(2**count)]
+    return tuple(
+        np.array([float(code >> (count - 1 - bit) & 1) for bit in range(count)]) for code in codes
+    )
+
+
 class HighsBackend(Backend):
     """HiGHS MIP solver, one thread, gaps 0, model kept between solves of one pattern."""
 
@@ -98,7 +110,12 @@ class HighsBackend(Backend):
         lp.setOptionValue("output_flag", False)
         # The LPs of one program differ in a few bounds: the last basis beats a presolve.
         lp.setOptionValue("presolve", "off")
+        # Scaling these small, well-conditioned LPs costs more than it saves: 8% less time
+        # in the enumeration of Loan-LR programs (interleaved, 200 people, same optima).
+        lp.setOptionValue("simplex_scale_strategy", 0)
         self._lp = _KeptModel(lp, relaxed=True)
+        # Per program pattern: the rows on integer columns only (see _within_integer_rows).
+        self._integer_rows: dict[tuple[int, ...], tuple[np.ndarray, ...]] = {}
         self._settings: tuple[float, ...] | None = None
 
     @classmethod
@@ -189,9 +206,12 @@ class HighsBackend(Backend):
         self._lp.pass_model(milp)
         best: tuple[float, np.ndarray] | None = None
         runtime = 0.0
-        for assignment in itertools.product((0.0, 1.0), repeat=len(free)):
+        assignments = _assignments(len(free))
+        possible = self._within_integer_rows(milp, free, assignments)
+        for fixed, row_feasible in zip(assignments, possible, strict=True):
+            if not row_feasible:
+                continue  # a row on integer columns only is violated: the LP is infeasible
             if len(free):
-                fixed = np.array(assignment)
                 h.changeColsBounds(len(free), free, fixed, fixed)
             start = time.perf_counter()
             h.run()
@@ -201,10 +221,10 @@ class HighsBackend(Backend):
                 continue
             if status_name != "kOptimal":
                 return None
-            objective = float(h.getInfo().objective_function_value)
+            objective = h.getObjectiveValue()
             if best is None or objective < best[0]:
                 solution = np.array(h.getSolution().col_value)
-                solution[free] = assignment
+                solution[free] = fixed
                 best = (objective, solution)
         if best is None:
             return BackendResult(SolveStatus.INFEASIBLE, None, None, None, runtime, "kInfeasible")
@@ -212,6 +232,34 @@ class HighsBackend(Backend):
         return BackendResult(
             SolveStatus.OPTIMAL, solution, objective, objective, runtime, "kOptimal"
         )
+
+    def _within_integer_rows(
+        self, milp: NumericMILP, free: np.ndarray, assignments: tuple[np.ndarray, ...]
+    ) -> np.ndarray:
+        """Per assignment of the ``free`` binaries: whether the rows whose every entry is
+        on an integer column (all fixed then) hold, with a margin far above the LPs'
+        tolerances, so that only assignments whose LP is infeasible are left out."""
+        rows = self._integer_rows.get(milp.pattern_key) if milp.pattern_key else None
+        if rows is None:
+            continuous = ~milp.integer[milp.col_index]
+            row_of_entry = np.repeat(np.arange(milp.num_rows), np.diff(milp.row_start))
+            rows = np.bincount(row_of_entry, weights=continuous, minlength=milp.num_rows) == 0
+            rows = (row_of_entry, rows[row_of_entry], np.flatnonzero(rows))
+            if milp.pattern_key:
+                self._integer_rows[milp.pattern_key] = rows
+        row_of_entry, on_integer_rows, integer_rows = rows
+        if not len(integer_rows):
+            return np.ones(len(assignments), dtype=bool)
+        values = np.repeat(milp.col_lower[None, :], len(assignments), axis=0)
+        values[:, free] = assignments
+        entries = np.flatnonzero(on_integer_rows)
+        contributions = values[:, milp.col_index[entries]] * milp.values[entries]
+        activity = np.zeros((len(assignments), milp.num_rows))
+        np.add.at(activity.T, row_of_entry[entries], contributions.T)
+        activity = activity[:, integer_rows]
+        lower, upper = milp.row_lower[integer_rows], milp.row_upper[integer_rows]
+        margin = 1e-6 * (1 + np.abs(activity))
+        return np.all((activity >= lower - margin) & (activity <= upper + margin), axis=1)
 
 
 class _KeptModel:
@@ -229,6 +277,7 @@ class _KeptModel:
         previous = self.loaded
         if previous is None or previous.pattern_key != milp.pattern_key or not milp.pattern_key:
             self.pass_model(milp)
+            self.entry_rows = np.repeat(np.arange(milp.num_rows), np.diff(milp.row_start))
             return
         cols = np.arange(milp.num_cols, dtype=np.int32)
         h.changeColsBounds(milp.num_cols, cols, milp.col_lower, milp.col_upper)
@@ -246,26 +295,27 @@ class _KeptModel:
     def pass_model(self, milp: NumericMILP) -> None:
         h = self.highs
         h.clearModel()
-        lp: Any = highspy.HighsLp()
-        lp.num_col_ = milp.num_cols
-        lp.num_row_ = milp.num_rows
-        lp.col_cost_ = milp.objective
-        lp.col_lower_ = milp.col_lower
-        lp.col_upper_ = milp.col_upper
-        lp.row_lower_ = milp.row_lower
-        lp.row_upper_ = milp.row_upper
-        lp.offset_ = milp.objective_offset
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-        lp.a_matrix_.start_ = milp.row_start.astype(np.int32)
-        lp.a_matrix_.index_ = milp.col_index.astype(np.int32)
-        lp.a_matrix_.value_ = milp.values
+        # The array form of passModel: filling a HighsLp field by field took 3x longer.
+        integrality = np.zeros(milp.num_cols, dtype=np.int32)
         if not self.relaxed:
-            lp.integrality_ = [
-                highspy.HighsVarType.kInteger if flag else highspy.HighsVarType.kContinuous
-                for flag in milp.integer
-            ]
-        h.passModel(lp)
-        self.loaded = milp
-        self.entry_rows = np.repeat(np.arange(milp.num_rows), np.diff(milp.row_start)).astype(
-            np.int64
+            integrality[milp.integer] = int(highspy.HighsVarType.kInteger)
+        status = h.passModel(
+            milp.num_cols,
+            milp.num_rows,
+            len(milp.values),
+            int(highspy.MatrixFormat.kRowwise),
+            int(highspy.ObjSense.kMinimize),
+            milp.objective_offset,
+            milp.objective,
+            milp.col_lower,
+            milp.col_upper,
+            milp.row_lower,
+            milp.row_upper,
+            milp.row_start.astype(np.int32),
+            milp.col_index.astype(np.int32),
+            milp.values,
+            integrality,
         )
+        if status == highspy.HighsStatus.kError:
+            raise RuntimeError("HiGHS refused the program (passModel returned an error)")
+        self.loaded = milp
