@@ -351,6 +351,19 @@ class Hyperparameters:
     patience: int = 25
     value_weight: float = 1.0
     """Weight of the values' squared error against the pattern's cross-entropy."""
+    value_floor: float = 0.1
+    """Each change's error counts relative to ``|label change| + value_floor`` (standard
+    deviations): the line search rescales a proposal, so its direction matters, and
+    absolute errors would let the few changes of 5-28 deviations drown the small ones."""
+    ensemble: int = 1
+    """Networks trained from successive seeds, their outputs averaged."""
+
+    def __post_init__(self) -> None:
+        if self.ensemble > 1 and len(self.hidden) != 1:
+            raise ValueError(
+                f"An ensemble is merged into one network side by side, which is exact and "
+                f"as fast as a dense layer only for one hidden layer. Got hidden={self.hidden}."
+            )
 
 
 def train_network(
@@ -360,7 +373,45 @@ def train_network(
     params: Hyperparameters,
     seed: int,
 ) -> tuple[Network, dict[str, Any]]:
-    """Adam on cross-entropy over allowed patterns plus squared error of changed values.
+    """``params.ensemble`` networks (seeds ``seed``, ``seed + 1``, ...), merged into one
+    whose outputs are their means: averaging cancels much of each network's own error
+    in choosing the action pattern, at the cost of a wider hidden layer."""
+    members = [
+        _train_member(inputs, targets, validation, params, seed + i) for i in range(params.ensemble)
+    ]
+    network = _side_by_side([network for network, _ in members])
+    flat = [array for layer in network.layers for array in layer]
+    loss, _ = _loss_and_gradients(flat, *validation, params, gradients=False)
+    return network, {
+        "validation_loss": loss,
+        "epochs": [history["epochs"] for _, history in members],
+    }
+
+
+def _side_by_side(members: list[Network]) -> Network:
+    """One network with one hidden layer computing the mean of ``members``' outputs
+    (each with one hidden layer): their hidden units side by side."""
+    if len(members) == 1:
+        return members[0]
+    first = [m.layers[0] for m in members]
+    last = [m.layers[1] for m in members]
+    return Network(
+        (
+            (np.hstack([w for w, _ in first]), np.concatenate([b for _, b in first])),
+            (np.vstack([w for w, _ in last]) / len(members), np.mean([b for _, b in last], axis=0)),
+        )
+    )
+
+
+def _train_member(
+    inputs: FloatArray,
+    targets: TrainingTargets,
+    validation: tuple[FloatArray, TrainingTargets],
+    params: Hyperparameters,
+    seed: int,
+) -> tuple[Network, dict[str, Any]]:
+    """Adam on cross-entropy over allowed patterns plus squared relative error of changed
+    values (see :attr:`Hyperparameters.value_floor`).
 
     Early stopping on the validation loss; returns the best epoch's network.
     """
@@ -429,12 +480,16 @@ def _loss_and_gradients(
     rows = np.arange(n)
     cross_entropy = -np.log(np.maximum(probabilities[rows, targets.pattern], 1e-300))
     error = np.where(targets.changed, outputs[:, num_patterns:] - targets.change, 0.0)
-    loss = float(cross_entropy.mean() + params.value_weight * 0.5 * (error**2).sum(axis=1).mean())
+    spread = np.abs(targets.change) + params.value_floor
+    relative = error / spread
+    loss = float(
+        cross_entropy.mean() + params.value_weight * 0.5 * (relative**2).sum(axis=1).mean()
+    )
     if not gradients:
         return loss, []
     d_logits = probabilities
     d_logits[rows, targets.pattern] -= 1.0
-    delta = np.hstack([d_logits, params.value_weight * error]) / n
+    delta = np.hstack([d_logits, params.value_weight * relative / spread]) / n
     grads: list[FloatArray] = [np.empty(0)] * len(flat)
     for i in range(len(flat) - 2, -1, -2):
         a = activations[i // 2]

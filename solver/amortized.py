@@ -120,10 +120,12 @@ INVALID_RATIO = 2.0
 ratio to the exact optimum): hyperparameters are chosen by the mean."""
 VALIDATION_SHARE = 0.2
 HYPERPARAMETER_GRID = (
-    Hyperparameters(hidden=(64, 64), weight_decay=1e-5),
-    Hyperparameters(hidden=(128, 128), weight_decay=1e-5),
-    Hyperparameters(hidden=(64, 64), weight_decay=1e-3),
+    Hyperparameters(hidden=(64,), weight_decay=1e-3, ensemble=8),
+    Hyperparameters(hidden=(64,), weight_decay=1e-4, ensemble=8),
 )
+"""Ensembles of one hidden layer: on GSMC's held-out mixed people, eight averaged
+networks choose the optimal features more often than one of any size or depth tried, and
+merged they cost one 512-unit layer (see the RESULTS amortizer-training section)."""
 
 
 class AmortizerMismatchError(AmortizerFileError):
@@ -953,6 +955,7 @@ def train_amortizer(
                 {
                     "hidden": list(params.hidden),
                     "weight_decay": params.weight_decay,
+                    "ensemble": params.ensemble,
                     "epochs": history["epochs"],
                     "validation_loss": history["validation_loss"],
                     "validation_raw_validity": float(batch.verified.mean()),

@@ -22,10 +22,12 @@ from models.amortizer import (
     AmortizerFileError,
     Hyperparameters,
     Network,
+    TrainingTargets,
     load_amortizer,
     pattern_catalogue,
     pattern_index,
     save_amortizer,
+    train_network,
 )
 from models.costs import CostProfile
 from models.elicitation import PreferenceElicitor
@@ -44,7 +46,7 @@ from solver.labels import LabelJob, run_job, sample_population
 from solver.milp import SolveStatus
 from solver.verify import verify_action
 
-TINY_GRID = (Hyperparameters(hidden=(32, 32), max_epochs=80, patience=10),)
+TINY_GRID = (Hyperparameters(hidden=(32,), ensemble=2, max_epochs=80, patience=10),)
 
 
 def run(*args: str) -> Result:
@@ -227,6 +229,32 @@ def test_line_search_lands_on_the_boundary_when_the_features_are_right(
         excess = batch.cost[same] - optimum
         assert ((excess <= 3 * SECANT_TOLERANCE * optimum) | (excess <= 2e-3)).all()
         assert (excess >= -1e-6 * optimum).all()
+
+
+# -- training ----------------------------------------------------------------------------
+
+
+def test_an_ensemble_answers_the_mean_of_its_members() -> None:
+    rng = np.random.default_rng(3)
+    n, patterns, features = 60, 5, 3
+    inputs = rng.normal(size=(n, 4))
+    targets = TrainingTargets(
+        rng.integers(0, patterns, n),
+        rng.normal(size=(n, features)),
+        rng.random((n, features)) < 0.5,
+        np.ones((n, patterns), dtype=bool),
+    )
+    params = Hyperparameters(hidden=(8,), max_epochs=5, ensemble=3)
+    merged, history = train_network(inputs, targets, (inputs, targets), params, seed=4)
+    single = dataclasses.replace(params, ensemble=1)
+    members = [
+        train_network(inputs, targets, (inputs, targets), single, seed=4 + i)[0] for i in range(3)
+    ]
+    mean = np.mean([member.forward(inputs) for member in members], axis=0)
+    np.testing.assert_allclose(merged.forward(inputs), mean, rtol=1e-10, atol=1e-12)
+    assert len(history["epochs"]) == 3
+    with pytest.raises(ValueError, match="only for one hidden layer"):
+        Hyperparameters(hidden=(8, 8), ensemble=2)
 
 
 # -- files -------------------------------------------------------------------------------
