@@ -8,16 +8,22 @@ For a batch of people (:meth:`AmortizedSolver.predict`, all numpy, no loop over 
    person's interval, to the smallest ``|t|`` (either direction) whose counterfactual the
    classifier accepts: the distilled values sit on the decision boundary, where half of
    any regression's answers would fall short. Small batches bracket the first accepted
-   scale of each direction with one evaluation of many scales with the exact classifier;
-   large ones, in float32, start from the proposal and its reverse (``t = 1, -1``) and
-   extend the secant through ``t = 0`` and the rising side, with a grid only for the rows
-   still unbracketed. Regula falsi on the classifier's logit then narrows the bracket
-   (exact in one step on a linear piece of the logit along the line);
+   scale of each direction with one float32 evaluation of many scales; large ones, in
+   float32, start from the proposal and its reverse (``t = 1, -1``) and extend the secant
+   through ``t = 0`` and the rising side, with a grid only for the rows still
+   unbracketed. Regula falsi on the classifier's logit then narrows the bracket (exact in
+   one step on a linear piece of the logit along the line);
 3. each answer is re-simulated through the exact causal model and classifier (float64)
    and every hard constraint is re-checked (:func:`solver.verify.verify_actions`); the
    cheapest verified pattern is kept;
 4. an answer changing two features also tries its corners (one feature at its interval
    end or unchanged, the other line-searched), verified the same way.
+
+Small batches, where a numpy call costs more than its rows, do steps 2 to 4 in as few
+calls as they can (:meth:`AmortizedSolver._with_corners`): the corners of every candidate
+changing two features are lines from the start, all lines share one grid evaluation, and
+the refinement's probes are evaluated by :func:`~solver.verify.verify_actions` itself, so
+the probe kept is verified already.
 
 :meth:`AmortizedSolver.solve` then repairs every person whose answer failed: first with
 the exact MILP restricted to the predicted features (the other features locked), then
@@ -77,10 +83,12 @@ def _by_size(scales: list[float]) -> FloatArray:
 
 
 SMALL_SCALES = _by_size(
-    [0.5, 0.7, 0.85, 1, 1.15, 1.3, 1.6, 2, 2.5, 3.2, 4, 6, 8, 12, 20, 30]
-    + [-0.25, -0.5, -1, -1.5, -2, -3, -4, -6, -8, -16, -32]
+    [0.5, 0.7, 0.85, 1, 1.15, 1.3, 1.6, 2, 2.5, 3.2, 4, 6, 8, 12, 20, 30, 60, 120, 250, 500]
+    + [-0.25, -0.5, -1, -1.5, -2, -3, -4, -6, -8, -16, -32, -64, -128, -256, -512]
 )
-"""Line search for small batches: every scale in one evaluation (rows are cheap there)."""
+"""Line search for small batches: every scale in one evaluation (rows are cheap there).
+The far ones serve the lines along which the network's change is much too small, most
+of them corners (a feature alone doing the work of two)."""
 GRID_REACH = 30.0
 LARGE_STAGES = (
     _by_size([0.9, 1.15, 1.6, 2.2, GRID_REACH, -0.5, -1.2, -32]),
@@ -223,7 +231,7 @@ class AmortizedSolver:
         ranks, person = np.nonzero(tried)  # rank-major: row i < n is person i's best
         first = _Candidates(person, ranked[person, ranks], chances[ranks, person] > 0)
         if exact:
-            answer = self._with_corners(x, noise, constraints, scores.changed, first)
+            answer, settled = self._with_corners(x, noise, constraints, scores.changed, first)
         else:
             factual_gap = self._gap(x, exact=False)[person]
             attempt = self._attempt(x, noise, constraints, scores.changed, first, factual_gap)
@@ -233,9 +241,12 @@ class AmortizedSolver:
             row[ranks, person] = np.arange(len(ranks))
             best = np.where(np.isfinite(cost).any(axis=0), np.argmin(cost, axis=0), 0)
             answer = attempt.take(row[best, np.arange(n)])
+            settled = answer.verified.copy()
+        # A person none of whose candidates passed (small batches: a corner may have)
+        # tries the next patterns; a passing one is kept where cheaper.
         rescued = np.zeros(n, dtype=bool)
-        for rank in range(1, MAX_PATTERNS) if not answer.verified.all() else ():
-            failed = np.flatnonzero(~answer.verified & ~tried[rank] & (chances[rank] > 0))
+        for rank in range(1, MAX_PATTERNS) if not settled.all() else ():
+            failed = np.flatnonzero(~settled & ~tried[rank] & (chances[rank] > 0))
             if not failed.size:
                 continue
             retry = self._attempt(
@@ -246,8 +257,10 @@ class AmortizedSolver:
                 _Candidates(failed, ranked[failed, rank], chances[rank, failed] > 0),
                 None if exact else self._gap(x[failed], exact=False),
             )
-            rescued[failed[retry.verified]] = True
-            answer = answer.updated(failed[retry.verified], retry.take(retry.verified))
+            settled[failed[retry.verified]] = rescued[failed[retry.verified]] = True
+            so_far = np.where(answer.verified[failed], answer.cost[failed], np.inf)
+            better = retry.verified & (retry.cost < so_far)
+            answer = answer.updated(failed[better], retry.take(better))
         # Small batches have tried the corners of their first candidates already.
         if not exact or rescued.any():
             among = rescued if exact else answer.verified
@@ -269,17 +282,19 @@ class AmortizedSolver:
         constraints: ConstraintArrays,
         changed: FloatArray,
         candidates: _Candidates,
-    ) -> AmortizedBatch:
+    ) -> tuple[AmortizedBatch, BoolArray]:
         """Small batches, where a numpy call costs more than its rows: the candidates and
         the corners of those changing two features (see :meth:`_corners`) are line-searched
         together and verified in one call; per person the cheapest verified answer is
-        kept, the best pattern's where none is."""
+        kept, the best pattern's where none is. Also returns, per person, whether a
+        candidate itself passed (a corner of a failed one can be far costlier than the
+        next patterns)."""
         person = candidates.person
         current = x[person[:, None], self.columns]
         lower, upper = constraints.lower[person], constraints.upper[person]
         mask, step = self._proposed_lines(current, lower, upper, changed[person], candidates)
         rows = np.arange(len(person))  # each line's candidate
-        two = np.flatnonzero(np.count_nonzero(step, axis=1) == 2)
+        two = np.flatnonzero((step != 0).sum(axis=1) == 2)
         if two.size:
             of, corner_mask, corner_start, corner_step = self._corners(
                 two, mask, step, current, lower, upper
@@ -289,20 +304,24 @@ class AmortizedSolver:
             current = np.concatenate([current, corner_start])
             step = np.concatenate([step, corner_step])
         line_person = person[rows]
-        arrays = constraints.take(line_person)
         line = _Line(
             x[line_person],
             noise[line_person],
             self._intervene(mask),
             current,
             step,
-            arrays.lower,
-            arrays.upper,
+            lower[rows],
+            upper[rows],
         )
         # A candidate with no accepted scale is verified as proposed; such a corner is out.
-        checked, cost = self._small_search(line, arrays, np.arange(len(rows)) < len(person))
+        checked, line_of, cost = self._small_search(
+            line, constraints, line_person, np.arange(len(rows)) < len(person)
+        )
         # Lines 0 to n - 1 are the people's best patterns, kept where nothing passes.
-        return checked.take(_cheapest(line_person, cost, len(x)))
+        answer = checked.take(_cheapest(line_person[line_of], cost, len(x)))
+        passed = np.zeros(len(x), dtype=bool)
+        passed[person[line_of[np.isfinite(cost) & (line_of < len(person))]]] = True
+        return answer, passed
 
     def _corners(
         self,
@@ -371,7 +390,11 @@ class AmortizedSolver:
             x[of], noise[of], self._intervene(mask), start, step, arrays.lower, arrays.upper
         )
         if exact:
-            corners, cost = self._small_search(line, arrays, np.zeros(len(of), dtype=bool))
+            corners, line_of, cost = self._small_search(
+                line, constraints, of, np.zeros(len(of), dtype=bool)
+            )
+            best = _cheapest(line_of, cost, len(of))
+            corners, cost = corners.take(best), cost[best]
         else:
             zero_gap = self._gaps(line, np.arange(len(of)), np.zeros(len(of)), exact=False)
             t = self._line_search(line, zero_gap)
@@ -402,7 +425,10 @@ class AmortizedSolver:
         )
         line = _Line(x, noise, self._intervene(mask), current, step, arrays.lower, arrays.upper)
         if factual_gap is None:
-            return self._small_search(line, arrays, np.ones(len(x), dtype=bool))[0]
+            checked, line_of, cost = self._small_search(
+                line, constraints, person, np.ones(len(x), dtype=bool)
+            )
+            return checked.take(_cheapest(line_of, cost, len(x)))
         t = self._line_search(line, factual_gap)
         values = self._scaled(line, np.where(np.isnan(t), 1.0, t))
         return self._verified(x, noise, arrays, line.intervene, values)
@@ -520,10 +546,16 @@ class AmortizedSolver:
         return t
 
     def _small_search(
-        self, line: _Line, constraints: ConstraintArrays, proposed: BoolArray
-    ) -> tuple[AmortizedBatch, FloatArray]:
-        """Small batches, where a numpy call costs more than its rows: per line, the
-        cheapest verified answer along it and its cost (inf: none).
+        self,
+        line: _Line,
+        constraints: ConstraintArrays,
+        person: npt.NDArray[np.int64],
+        proposed: BoolArray,
+    ) -> tuple[AmortizedBatch, npt.NDArray[np.int64], FloatArray]:
+        """Small batches, where a numpy call costs more than its rows: verified answers
+        along every line, each one's line and its cost where it counts (else inf). Answer
+        i < lines is line i's anchor, the one to keep where none counts. Line i belongs to
+        row ``person[i]`` of ``constraints``.
 
         Every scale of :data:`SMALL_SCALES` and 0 in one evaluation brackets the first
         accepted scale of each direction (between it and the next smaller one, or 0), with
@@ -546,7 +578,7 @@ class AmortizedSolver:
         # Per direction (rows) and line (columns): the first accepted scale and the one before.
         first = np.argmax(gaps[grid.columns] >= 0, axis=1)
         hi_column, lo_column = grid.columns[_DIRECTIONS, first], grid.before[_DIRECTIONS, first]
-        hi, lo = np.abs(grid.scales[hi_column]), np.abs(grid.scales[lo_column])
+        hi, lo = grid.sizes[hi_column], grid.sizes[lo_column]
         hi_gap, lo_gap = gaps[hi_column, every], gaps[lo_column, every]
         root = np.where(hi_gap >= 0, _secant_root(lo, lo_gap, hi, hi_gap), np.inf)
         reverse = (root[1] < root[0]).astype(np.intp)
@@ -567,7 +599,7 @@ class AmortizedSolver:
                 t = np.concatenate([t, (sign[moving, None] * u).ravel()])
             if not rows.size:
                 break
-            checked = self._verified_at(line, constraints, rows, t)
+            checked = self._verified_at(line, constraints.take(person[rows]), rows, t)
             gap = np.asarray(logit_of(checked.probability)) - threshold
             ok = checked.verified.copy()
             ok[len(rows) - probes :] &= gap[len(rows) - probes :] >= 0
@@ -593,15 +625,13 @@ class AmortizedSolver:
             lo[moving] = np.where(lo_moves, u[probe, last_no], lo[moving])
         checked = answers[0] if len(answers) == 1 else AmortizedBatch.concatenate(answers)
         rows, ok = np.concatenate(answer_rows), np.concatenate(answer_ok)
-        cost = np.where(ok, checked.cost, np.inf)
-        # The first answer of each line is its anchor: the one kept where none passes.
-        best = _cheapest(rows, cost, n)
-        return checked.take(best), cost[best]
+        return checked, rows, np.where(ok, checked.cost, np.inf)
 
     def _verified_at(
         self, line: _Line, constraints: ConstraintArrays, rows: npt.NDArray[np.int64], t: FloatArray
     ) -> AmortizedBatch:
-        """The answers of line rows ``rows`` at scales ``t``, verified."""
+        """The answers of line rows ``rows`` at scales ``t``, verified (``constraints``: the
+        rows')."""
         packed = line.table[rows]  # one gather for all the row's numbers
         f, k = line.x.shape[1], len(self.columns)
         start, step, lower, upper = (
@@ -611,7 +641,7 @@ class AmortizedSolver:
         return self._verified(
             packed[:, :f],
             packed[:, f : 2 * f],
-            constraints.take(rows),
+            constraints,
             line.intervene[rows],
             values,
         )
@@ -849,6 +879,7 @@ class _SmallGrid(NamedTuple):
     accepted is never a repeat), and of the next smaller scale of each (0 for the first)."""
 
     scales: FloatArray
+    sizes: FloatArray
     columns: npt.NDArray[np.intp]
     before: npt.NDArray[np.intp]
 
@@ -859,7 +890,7 @@ class _SmallGrid(NamedTuple):
         width = max(map(len, sides))
         columns = np.array([np.pad(side, (0, width - len(side)), mode="edge") for side in sides])
         before = np.concatenate([np.zeros((2, 1), dtype=np.intp), columns[:, :-1]], axis=1)
-        return cls(grid, columns, before)
+        return cls(grid, np.abs(grid), columns, before)
 
 
 SMALL_GRID = _SmallGrid.of(SMALL_SCALES)
