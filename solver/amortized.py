@@ -116,6 +116,9 @@ SMALL_PROBES = np.concatenate([np.arange(-10, 11) * 0.9, [-50, -20, 20, 50]]) * 
 secant's root (stepped by :data:`SECANT_AIM`) times 1 plus each of these at once, so that
 one round usually leaves a bracket narrower than the tolerance."""
 SMALL_PROBE_FACTORS = 1 + SMALL_PROBES
+BRACKET_SHARES = np.arange(1, 32) / 32
+"""Small batches, after a first round: probes spread evenly over each bracket too, against
+steps of the logit (integer features rounding), where the secant's root stalls."""
 CANDIDATE_PATTERNS = 4
 """Action patterns tried at once, best first; the cheapest verified answer is kept."""
 OTHER_PATTERN_CHANCE = 0.01
@@ -339,7 +342,7 @@ class AmortizedSolver:
         of = np.repeat(rows, 4)
         fixed = pair[:, [0, 1, 0, 1]].ravel()
         moved = pair[:, [1, 0, 1, 0]].ravel()
-        at_end = np.resize(_CORNER_AT_END, len(of))
+        at_end = np.arange(len(of)) % 4 < 2  # the corners of a row: two ends, then two holds
         end = np.where(change[of, fixed] > 0, upper[of, fixed], lower[of, fixed])
         usable = ~at_end | np.isfinite(end)
         if not usable.all():
@@ -562,7 +565,8 @@ class AmortizedSolver:
         the float32 classifier: its margin keeps its accepted scales accepted by the exact
         one. The direction whose secant root is nearer 0 is refined, each round trying the
         secant's root times 1 plus each of :data:`SMALL_PROBES`, which usually leaves a
-        bracket narrower than the tolerance on both sides at once. The probes are
+        bracket narrower than the tolerance on both sides at once (later rounds also
+        spread :data:`BRACKET_SHARES` over the bracket). The probes are
         evaluated by the verification itself (exact model and classifier, float64): the
         logit it implies moves the brackets, and a probe that passes it with the line
         search's margin is an answer, so no call re-checks the chosen one. The first round
@@ -591,13 +595,16 @@ class AmortizedSolver:
         for _ in range(SECANT_ROUNDS):
             aim = _secant_root(lo, lo_gap, hi, hi_gap) * (1 + SECANT_AIM)
             moving = np.flatnonzero(found & (aim < hi * (1 - SECANT_TOLERANCE)))
-            probes = len(moving) * len(SMALL_PROBE_FACTORS)
             if moving.size:
                 u = aim[moving, None] * SMALL_PROBE_FACTORS
+                if answers:  # the secant alone was not enough: also cover the bracket evenly
+                    spread = lo[moving, None] + (hi - lo)[moving, None] * BRACKET_SHARES
+                    u = np.concatenate([u, spread], axis=1)
                 u = np.minimum(np.maximum(u, lo[moving, None]), hi[moving, None])
-                rows = np.concatenate([rows, np.repeat(moving, len(SMALL_PROBE_FACTORS))])
+                rows = np.concatenate([rows, np.repeat(moving, u.shape[1])])
                 t = np.concatenate([t, (sign[moving, None] * u).ravel()])
-            if not rows.size:
+            probes = u.size if moving.size else 0
+            if answers and not rows.size:
                 break
             checked = self._verified_at(line, constraints.take(person[rows]), rows, t)
             gap = np.asarray(logit_of(checked.probability)) - threshold
@@ -894,7 +901,6 @@ class _SmallGrid(NamedTuple):
 
 
 SMALL_GRID = _SmallGrid.of(SMALL_SCALES)
-_CORNER_AT_END = np.array([True, True, False, False])
 _DIRECTIONS = np.arange(2)[:, None]
 
 
