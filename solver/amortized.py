@@ -224,7 +224,7 @@ class AmortizedSolver:
         n = len(x)
         noise = self.scm.abduct_noise(x)
         scores = self.amortizer.scores(x, constraints)  # one network pass for every rank
-        exact = n * CANDIDATE_PATTERNS * len(SMALL_SCALES) <= SMALL_ROWS
+        small = n * CANDIDATE_PATTERNS * len(SMALL_SCALES) <= SMALL_ROWS
         # The best pattern for everyone; the next ones only where the network gives them a
         # chance: where it is sure, they are rarely cheaper and cost most of the time.
         ranked, chances = _top_patterns(scores.logits, MAX_PATTERNS)
@@ -233,10 +233,10 @@ class AmortizedSolver:
         tried[0] = True
         ranks, person = np.nonzero(tried)  # rank-major: row i < n is person i's best
         first = _Candidates(person, ranked[person, ranks], chances[ranks, person] > 0)
-        if exact:
+        if small:
             answer, settled = self._with_corners(x, noise, constraints, scores.changed, first)
         else:
-            factual_gap = self._gap(x, exact=False)[person]
+            factual_gap = self._gap(x)[person]
             attempt = self._attempt(x, noise, constraints, scores.changed, first, factual_gap)
             cost = np.full((CANDIDATE_PATTERNS, n), np.inf)
             cost[ranks, person] = np.where(attempt.verified, attempt.cost, np.inf)
@@ -258,16 +258,16 @@ class AmortizedSolver:
                 constraints,
                 scores.changed,
                 _Candidates(failed, ranked[failed, rank], chances[rank, failed] > 0),
-                None if exact else self._gap(x[failed], exact=False),
+                None if small else self._gap(x[failed]),
             )
             settled[failed[retry.verified]] = rescued[failed[retry.verified]] = True
             so_far = np.where(answer.verified[failed], answer.cost[failed], np.inf)
             better = retry.verified & (retry.cost < so_far)
             answer = answer.updated(failed[better], retry.take(better))
         # Small batches have tried the corners of their first candidates already.
-        if not exact or rescued.any():
-            among = rescued if exact else answer.verified
-            answer = self._two_feature_vertices(x, noise, constraints, answer, among, exact=exact)
+        if not small or rescued.any():
+            among = rescued if small else answer.verified
+            answer = self._two_feature_vertices(x, noise, constraints, answer, among, small=small)
         return AmortizedBatch(
             answer.intervene,
             answer.values,
@@ -366,7 +366,7 @@ class AmortizedSolver:
         answer: AmortizedBatch,
         among: BoolArray,
         *,
-        exact: bool,
+        small: bool,
     ) -> AmortizedBatch:
         """The answers of people ``among`` that change two features, moved to the cheapest
         corner found nearby.
@@ -392,14 +392,14 @@ class AmortizedSolver:
         line = _Line(
             x[of], noise[of], self._intervene(mask), start, step, arrays.lower, arrays.upper
         )
-        if exact:
+        if small:
             corners, line_of, cost = self._small_search(
                 line, constraints, of, np.zeros(len(of), dtype=bool)
             )
             best = _cheapest(line_of, cost, len(of))
             corners, cost = corners.take(best), cost[best]
         else:
-            zero_gap = self._gaps(line, np.arange(len(of)), np.zeros(len(of)), exact=False)
+            zero_gap = self._gaps(line, np.arange(len(of)), np.zeros(len(of)))
             t = self._line_search(line, zero_gap)
             values = self._scaled(line, np.where(np.isnan(t), 0.0, t))
             corners = self._verified(line.x, line.noise, arrays, line.intervene, values)
@@ -519,7 +519,7 @@ class AmortizedSolver:
                 a[moves] for a in (live, lo, lo_gap, hi, hi_gap, sign_live, rows, last_moved, aim)
             )
             u = np.clip(aim, lo, hi)[:, None]  # one probe a row: rows are what costs here
-            gap = self._gaps(line, rows, sign_live * u[:, 0], exact=False)[:, None]
+            gap = self._gaps(line, rows, sign_live * u[:, 0])[:, None]
             ok = gap >= 0
             # The tightest bracket: the smallest accepted probe, the largest rejected below.
             every = np.arange(len(live))
@@ -577,7 +577,7 @@ class AmortizedSolver:
         n = len(line.x)
         every = np.arange(n)
         rows = np.arange(n * len(grid.scales)) % n
-        gaps = self._gaps(line, rows, np.repeat(grid.scales, n), exact=False)
+        gaps = self._gaps(line, rows, np.repeat(grid.scales, n))
         gaps = gaps.reshape(len(grid.scales), n)
         # Per direction (rows) and line (columns): the first accepted scale and the one before.
         first = np.argmax(gaps[grid.columns] >= 0, axis=1)
@@ -663,7 +663,7 @@ class AmortizedSolver:
         A row accepted both ways gets a bracket each way; the returned array maps brackets
         to line rows."""
         n = len(zero_gap)
-        gaps = self._gaps(line, np.tile(np.arange(n), 2), np.repeat([1.0, -1.0], n), exact=False)
+        gaps = self._gaps(line, np.tile(np.arange(n), 2), np.repeat([1.0, -1.0], n))
         zero, one = np.zeros(n), np.ones(n)
         ahead = _Bracket(zero, zero_gap, one, gaps[:n], gaps[:n] >= 0)
         back = _Bracket(zero, zero_gap, one, gaps[n:], gaps[n:] >= 0)
@@ -683,7 +683,7 @@ class AmortizedSolver:
             people, guess, p, gp = people[within], guess[within], p[within], gp[within]
             if not people.size:
                 break
-            gap = self._gaps(line, people, sign[people] * guess, exact=False)
+            gap = self._gaps(line, people, sign[people] * guess)
             ok = gap >= 0
             accepted = people[ok]
             found[accepted] = True
@@ -738,7 +738,7 @@ class AmortizedSolver:
             if not people.size:
                 break
             stage_rows = np.tile(rows[people], len(stage))
-            stage_gaps = self._gaps(line, stage_rows, np.repeat(stage, len(people)), exact=False)
+            stage_gaps = self._gaps(line, stage_rows, np.repeat(stage, len(people)))
             stage_gaps = stage_gaps.reshape(len(stage), len(people)).T
             gaps[people, offset : offset + len(stage)] = stage_gaps
             accepted = stage_gaps >= 0
@@ -753,10 +753,8 @@ class AmortizedSolver:
         values = line.start + t[:, None] * line.step
         return project_values(self.amortizer.spec, values, line.lower, line.upper)
 
-    def _gaps(
-        self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray, *, exact: bool
-    ) -> FloatArray:
-        """Logit minus the acceptance threshold of line row ``rows[i]`` at scale ``t[i]``."""
+    def _gaps(self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray) -> FloatArray:
+        """:meth:`_gap` of line row ``rows[i]`` at scale ``t[i]``."""
         packed = line.table[rows]  # one gather for all the row's numbers
         f, k = line.x.shape[1], len(self.columns)
         start, step, lower, upper = (
@@ -770,14 +768,12 @@ class AmortizedSolver:
         counterfactual = self.scm.propagate_counterfactual(
             values, line.intervene[rows], values, packed[:, f : 2 * f]
         )
-        return self._gap(counterfactual, exact=exact)
+        return self._gap(counterfactual)
 
-    def _gap(self, rows: FloatArray, *, exact: bool) -> FloatArray:
-        """The classifier's logit minus the acceptance threshold (>= 0: accepted); the
-        float32 pass keeps a margin above its rounding."""
+    def _gap(self, rows: FloatArray) -> FloatArray:
+        """The classifier's float32 logit minus the acceptance threshold (>= 0: accepted),
+        with a margin above its rounding: the answers are verified in float64."""
         threshold = self.classifier.logit_threshold + self.margin
-        if exact:
-            return self.classifier.logit(rows) - threshold
         logit = self._fast_classifier.forward(rows.astype(np.float32))[:, 0]
         return logit.astype(float) - (threshold + FLOAT32_MARGIN)
 
