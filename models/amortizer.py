@@ -76,24 +76,39 @@ def pattern_index(patterns: IntArray, holdable: BoolArray) -> IntArray:
     return (patterns * place).sum(axis=1)
 
 
+class PatternTables(NamedTuple):
+    """What :func:`allowed_patterns` needs of a catalogue, worked out once."""
+
+    acting: npt.NDArray[np.float64]
+    """(K, patterns) 1 where the pattern acts on the feature."""
+    holding: npt.NDArray[np.float64]
+    size: IntArray
+    """Per pattern, the features acted on; too many for anyone where it changes nothing."""
+
+    @classmethod
+    def of(cls, catalogue: IntArray) -> PatternTables:
+        acting = catalogue != NOT_ACTED
+        changes = (catalogue == CHANGE).any(axis=1)
+        size = np.where(changes, acting.sum(axis=1), np.iinfo(np.int64).max)
+        return cls(acting.T.astype(float), (catalogue == HOLD).T.astype(float), size)
+
+
 def allowed_patterns(
-    arrays: ConstraintArrays, x_actionable: FloatArray, catalogue: IntArray
+    arrays: ConstraintArrays,
+    x_actionable: FloatArray,
+    catalogue: IntArray,
+    tables: PatternTables | None = None,
 ) -> BoolArray:
     """(n, patterns): what a person may do: act on no locked feature, hold a feature only
-    where its current value is allowed, change at least one, and act on few enough."""
-    acting = (catalogue != NOT_ACTED).astype(np.int64)
-    holding = (catalogue == HOLD).astype(np.int64)
+    where its current value is allowed, change at least one, and act on few enough.
+    ``tables``: the catalogue's, if already made."""
+    tables = tables if tables is not None else PatternTables.of(catalogue)
     hold_ok = (arrays.lower <= x_actionable) & (x_actionable <= arrays.upper)
-    touches_locked = (arrays.locked.astype(np.int64) @ acting.T) > 0
-    bad_hold = ((~hold_ok).astype(np.int64) @ holding.T) > 0
-    size = acting.sum(axis=1)
-    changes = (catalogue == CHANGE).any(axis=1)
-    return (
-        ~touches_locked
-        & ~bad_hold
-        & (size[None, :] <= arrays.max_changes[:, None])
-        & changes[None, :]
-    )
+    # One product for both: a locked feature acted on, or one held out of its interval.
+    barred = np.dot(arrays.locked, tables.acting) + np.dot(~hold_ok, tables.holding)
+    allowed = barred == 0
+    allowed &= tables.size <= arrays.max_changes[:, None]
+    return allowed
 
 
 # -- the model ---------------------------------------------------------------------------
@@ -130,6 +145,18 @@ class AmortizerSpec:
     @functools.cached_property
     def catalogue(self) -> IntArray:
         return pattern_catalogue(self.holdable)
+
+    @functools.cached_property
+    def pattern_tables(self) -> PatternTables:
+        return PatternTables.of(self.catalogue)
+
+    @functools.cached_property
+    def any_integer(self) -> bool:
+        return bool(self.integer.any())
+
+    @functools.cached_property
+    def actionable_scale(self) -> FloatArray:
+        return self.scale[self.actionable_columns]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -229,13 +256,12 @@ class Amortizer:
     def scores(self, x: FloatArray, arrays: ConstraintArrays) -> PatternScores:
         """The network's pass over ``x``: logits of allowed patterns and proposed changes."""
         spec = self.spec
-        columns = spec.actionable_columns
-        current = x[:, columns]
+        current = x[:, spec.actionable_columns]
         outputs = self.fast.forward(encode_inputs(spec, x, arrays).astype(np.float32))
         catalogue = spec.catalogue
-        allowed = allowed_patterns(arrays, current, catalogue)
+        allowed = allowed_patterns(arrays, current, catalogue, spec.pattern_tables)
         logits = np.where(allowed, outputs[:, : len(catalogue)], -np.inf)
-        changed = current + outputs[:, len(catalogue) :] * spec.scale[columns]
+        changed = current + outputs[:, len(catalogue) :] * spec.actionable_scale
         return PatternScores(logits, changed)
 
     def propose(
@@ -258,23 +284,32 @@ class Amortizer:
             choice = np.argmax(logits, axis=1)
         else:
             choice = np.argsort(-logits, axis=1, kind="stable")[rows, ranks]
-        return self.propose_patterns(x, arrays, choice, np.isfinite(logits[rows, choice]), changed)
+        return self.propose_patterns(
+            x[:, self.spec.actionable_columns],
+            arrays.lower,
+            arrays.upper,
+            choice,
+            np.isfinite(logits[rows, choice]),
+            changed,
+        )
 
     def propose_patterns(
         self,
-        x: FloatArray,
-        arrays: ConstraintArrays,
+        current: FloatArray,
+        lower: FloatArray,
+        upper: FloatArray,
         choice: IntArray,
         allowed: BoolArray,
         changed: FloatArray,
     ) -> tuple[BoolArray, FloatArray]:
         """:meth:`propose` for the patterns ``choice`` (indices in the catalogue), given
-        whether each is ``allowed`` (else an empty mask) and the network's ``changed``."""
+        the actionable features' ``current`` values and the people's intervals, whether
+        each pattern is ``allowed`` (else an empty mask) and the network's ``changed``."""
         spec = self.spec
         pattern = spec.catalogue[choice]
         pattern[~allowed] = NOT_ACTED
-        values = np.where(pattern == CHANGE, changed, x[:, spec.actionable_columns])
-        return pattern != NOT_ACTED, project_values(spec, values, arrays.lower, arrays.upper)
+        values = np.where(pattern == CHANGE, changed, current)
+        return pattern != NOT_ACTED, project_values(spec, values, lower, upper)
 
 
 class PatternScores(NamedTuple):
@@ -291,7 +326,7 @@ def project_values(
 ) -> FloatArray:
     """Values clipped into each person's interval; integer features rounded inside it."""
     values = np.minimum(np.maximum(values, lower), upper)  # np.clip's checks cost more
-    if spec.integer.any():
+    if spec.any_integer:
         # The interval's ends are whole numbers, so rounding stays inside it.
         values = np.where(spec.integer, np.round(values), values)
     return values
@@ -299,31 +334,30 @@ def project_values(
 
 def encode_inputs(spec: AmortizerSpec, x: FloatArray, arrays: ConstraintArrays) -> FloatArray:
     """The network's input rows (see the module docstring)."""
-    z = (x - spec.mean) / spec.scale
     if not spec.constraint_inputs:
-        return z
-    columns = spec.actionable_columns
-    xs, sd = x[:, columns], spec.scale[columns]
-    free = ~arrays.locked
-    down = np.where(free, np.clip((xs - arrays.lower) / sd, 0.0, ROOM_CLIP), 0.0)
-    up = np.where(free, np.clip((arrays.upper - xs) / sd, 0.0, ROOM_CLIP), 0.0)
+        return (x - spec.mean) / spec.scale
+    # Written into one array, block by block: on a few rows the calls are what costs.
+    n, f, k = len(x), len(spec.feature_names), len(spec.actionable)
+    inputs = np.empty((n, f + 7 * k + 1))
+    np.divide(x - spec.mean, spec.scale, out=inputs[:, :f])
+    blocks = inputs[:, f : f + 7 * k].reshape(n, 7, k)
+    xs, sd = x[:, spec.actionable_columns], spec.actionable_scale
+    room = blocks[:, 1:3]  # down, then up, clipped below by 0 and above by ROOM_CLIP
+    np.subtract(xs, arrays.lower, out=room[:, 0])
+    np.subtract(arrays.upper, xs, out=room[:, 1])
+    room /= sd
+    np.clip(room, 0.0, ROOM_CLIP, out=room)
+    room *= ~arrays.locked[:, None]
+    blocks[:, 0] = arrays.locked
+    np.log(arrays.weight, out=blocks[:, 3])
     has_soft = np.isfinite(arrays.soft_limit)
-    soft = np.where(has_soft, np.clip(arrays.soft_limit / sd, 0.0, ROOM_CLIP), 0.0)
-    penalty = np.clip(arrays.soft_penalty * sd, 0.0, ROOM_CLIP)
-    changes = arrays.max_changes[:, None] / len(spec.actionable)
-    return np.hstack(
-        [
-            z,
-            arrays.locked,
-            down,
-            up,
-            np.log(arrays.weight),
-            has_soft,
-            soft,
-            penalty,
-            changes,
-        ]
+    blocks[:, 4] = has_soft
+    blocks[:, 5] = np.where(
+        has_soft, np.minimum(np.maximum(arrays.soft_limit / sd, 0.0), ROOM_CLIP), 0.0
     )
+    blocks[:, 6] = np.minimum(np.maximum(arrays.soft_penalty * sd, 0.0), ROOM_CLIP)
+    inputs[:, -1] = arrays.max_changes / k
+    return inputs
 
 
 # -- training ----------------------------------------------------------------------------

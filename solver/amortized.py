@@ -8,16 +8,22 @@ For a batch of people (:meth:`AmortizedSolver.predict`, all numpy, no loop over 
    person's interval, to the smallest ``|t|`` (either direction) whose counterfactual the
    classifier accepts: the distilled values sit on the decision boundary, where half of
    any regression's answers would fall short. Small batches bracket the first accepted
-   scale of each direction with one evaluation of many scales with the exact classifier;
-   large ones, in float32, start from the proposal and its reverse (``t = 1, -1``) and
-   extend the secant through ``t = 0`` and the rising side, with a grid only for the rows
-   still unbracketed. Regula falsi on the classifier's logit then narrows the bracket
-   (exact in one step on a linear piece of the logit along the line);
+   scale of each direction with one float32 evaluation of many scales; large ones, in
+   float32, start from the proposal and its reverse (``t = 1, -1``) and extend the secant
+   through ``t = 0`` and the rising side, with a grid only for the rows still
+   unbracketed. Regula falsi on the classifier's logit then narrows the bracket (exact in
+   one step on a linear piece of the logit along the line);
 3. each answer is re-simulated through the exact causal model and classifier (float64)
    and every hard constraint is re-checked (:func:`solver.verify.verify_actions`); the
    cheapest verified pattern is kept;
 4. an answer changing two features also tries its corners (one feature at its interval
    end or unchanged, the other line-searched), verified the same way.
+
+Small batches, where a numpy call costs more than its rows, do steps 2 to 4 in as few
+calls as they can (:meth:`AmortizedSolver._with_corners`): the corners of every candidate
+changing two features are lines from the start, all lines share one grid evaluation, and
+the refinement's probes are evaluated by :func:`~solver.verify.verify_actions` itself, so
+the probe kept is verified already.
 
 :meth:`AmortizedSolver.solve` then repairs every person whose answer failed: first with
 the exact MILP restricted to the predicted features (the other features locked), then
@@ -57,6 +63,7 @@ from models.amortizer import (
 )
 from models.classifiers import Classifier
 from models.costs import CostProfile
+from models.expressions import logit as logit_of
 from models.preferences import ConstraintArrays, PersonConstraints, parse_constraints
 from models.scm import StructuralCausalModel, VariableType
 from solver.engine import EngineOptions, RecourseSolver
@@ -76,10 +83,12 @@ def _by_size(scales: list[float]) -> FloatArray:
 
 
 SMALL_SCALES = _by_size(
-    [0.5, 0.7, 0.85, 1, 1.15, 1.3, 1.6, 2, 2.5, 3.2, 4, 6, 8, 12, 20, 30]
-    + [-0.25, -0.5, -1, -1.5, -2, -3, -4, -6, -8, -16, -32]
+    [0.5, 0.7, 0.85, 1, 1.15, 1.3, 1.6, 2, 2.5, 3.2, 4, 6, 8, 12, 20, 30, 60, 120, 250, 500]
+    + [-0.25, -0.5, -1, -1.5, -2, -3, -4, -6, -8, -16, -32, -64, -128, -256, -512]
 )
-"""Line search for small batches: every scale in one evaluation (rows are cheap there)."""
+"""Line search for small batches: every scale in one evaluation (rows are cheap there).
+The far ones serve the lines along which the network's change is much too small, most
+of them corners (a feature alone doing the work of two)."""
 GRID_REACH = 30.0
 LARGE_STAGES = (
     _by_size([0.9, 1.15, 1.6, 2.2, GRID_REACH, -0.5, -1.2, -32]),
@@ -106,6 +115,10 @@ SMALL_PROBES = np.concatenate([np.arange(-10, 11) * 0.9, [-50, -20, 20, 50]]) * 
 """Small batches, where rows are cheap and calls are not: each refinement tries the
 secant's root (stepped by :data:`SECANT_AIM`) times 1 plus each of these at once, so that
 one round usually leaves a bracket narrower than the tolerance."""
+SMALL_PROBE_FACTORS = 1 + SMALL_PROBES
+BRACKET_SHARES = np.arange(1, 32) / 32
+"""Small batches, after a first round: probes spread evenly over each bracket too, against
+steps of the logit (integer features rounding), where the secant's root stalls."""
 CANDIDATE_PATTERNS = 4
 """Action patterns tried at once, best first; the cheapest verified answer is kept."""
 OTHER_PATTERN_CHANCE = 0.01
@@ -157,6 +170,13 @@ class AmortizedBatch:
             self.seconds,
         )
 
+    @classmethod
+    def concatenate(cls, batches: Sequence[AmortizedBatch]) -> AmortizedBatch:
+        """The rows of ``batches`` in order (their seconds summed)."""
+        names = ("intervene", "values", "counterfactual", "probability", "cost", "verified")
+        arrays = {name: np.concatenate([getattr(b, name) for b in batches]) for name in names}
+        return cls(**arrays, seconds=sum(b.seconds for b in batches))
+
     def updated(self, rows: npt.NDArray[np.int64], other: AmortizedBatch) -> AmortizedBatch:
         """This batch with ``rows`` replaced by ``other``'s rows, in order."""
         fields = {}
@@ -187,6 +207,7 @@ class AmortizedSolver:
         self.columns = spec.actionable_columns
         self._fast_classifier = _folded_float32(classifier)
         self._ancestor = _actionable_ancestors(scm)
+        self._ancestor_of = self._ancestor.T.astype(float)  # [a, k]: a is an ancestor of k
 
     # -- the hot path ------------------------------------------------------------------
 
@@ -205,49 +226,139 @@ class AmortizedSolver:
         n = len(x)
         noise = self.scm.abduct_noise(x)
         scores = self.amortizer.scores(x, constraints)  # one network pass for every rank
-        exact = n * CANDIDATE_PATTERNS * len(SMALL_SCALES) <= SMALL_ROWS
-        factual_gap = self._gap(x, exact=exact)
+        small = n * CANDIDATE_PATTERNS * len(SMALL_SCALES) <= SMALL_ROWS
         # The best pattern for everyone; the next ones only where the network gives them a
         # chance: where it is sure, they are rarely cheaper and cost most of the time.
         ranked, chances = _top_patterns(scores.logits, MAX_PATTERNS)
-        first = np.arange(MAX_PATTERNS)[:, None] < CANDIDATE_PATTERNS
-        tried = first & (
-            (chances >= OTHER_PATTERN_CHANCE) | (np.arange(MAX_PATTERNS) == 0)[:, None]
-        )
-        ranks, stacked = np.nonzero(tried)
-        attempt = self._attempt(
-            x[stacked],
-            noise[stacked],
-            constraints.take(stacked),
-            ranked[stacked, ranks],
-            chances[ranks, stacked] > 0,
-            scores.changed[stacked],
-            factual_gap[stacked],
-            exact=exact,
-        )
-        cost = np.full((CANDIDATE_PATTERNS, n), np.inf)
-        cost[ranks, stacked] = np.where(attempt.verified, attempt.cost, np.inf)
-        row = np.zeros((CANDIDATE_PATTERNS, n), dtype=np.int64)
-        row[ranks, stacked] = np.arange(len(ranks))
-        best = np.where(np.isfinite(cost).any(axis=0), np.argmin(cost, axis=0), 0)
-        answer = attempt.take(row[best, np.arange(n)])
-        for rank in range(1, MAX_PATTERNS):
-            failed = np.flatnonzero(~answer.verified & ~tried[rank] & (chances[rank] > 0))
+        tried = np.zeros((MAX_PATTERNS, n), dtype=bool)
+        tried[:CANDIDATE_PATTERNS] = chances[:CANDIDATE_PATTERNS] >= OTHER_PATTERN_CHANCE
+        tried[0] = True
+        ranks, person = np.nonzero(tried)  # rank-major: row i < n is person i's best
+        first = _Candidates(person, ranked[person, ranks], chances[ranks, person] > 0)
+        if small:
+            answer, settled = self._with_corners(x, noise, constraints, scores.changed, first)
+        else:
+            factual_gap = self._gap(x)[person]
+            attempt = self._attempt(x, noise, constraints, scores.changed, first, factual_gap)
+            cost = np.full((CANDIDATE_PATTERNS, n), np.inf)
+            cost[ranks, person] = np.where(attempt.verified, attempt.cost, np.inf)
+            row = np.zeros((CANDIDATE_PATTERNS, n), dtype=np.int64)
+            row[ranks, person] = np.arange(len(ranks))
+            best = np.where(np.isfinite(cost).any(axis=0), np.argmin(cost, axis=0), 0)
+            answer = attempt.take(row[best, np.arange(n)])
+            settled = answer.verified.copy()
+        # A person none of whose candidates passed (small batches: a corner may have)
+        # tries the next patterns; a passing one is kept where cheaper.
+        rescued = np.zeros(n, dtype=bool)
+        for rank in range(1, MAX_PATTERNS) if not settled.all() else ():
+            failed = np.flatnonzero(~settled & ~tried[rank] & (chances[rank] > 0))
             if not failed.size:
                 continue
             retry = self._attempt(
-                x[failed],
-                noise[failed],
-                constraints.take(failed),
-                ranked[failed, rank],
-                chances[rank, failed] > 0,
-                scores.changed[failed],
-                factual_gap[failed],
-                exact=exact,
+                x,
+                noise,
+                constraints,
+                scores.changed,
+                _Candidates(failed, ranked[failed, rank], chances[rank, failed] > 0),
+                None if small else self._gap(x[failed]),
             )
-            answer = answer.updated(failed[retry.verified], retry.take(retry.verified))
-        answer = self._two_feature_vertices(x, noise, constraints, answer, exact=exact)
-        return dataclasses.replace(answer, seconds=time.perf_counter() - start)
+            settled[failed[retry.verified]] = rescued[failed[retry.verified]] = True
+            so_far = np.where(answer.verified[failed], answer.cost[failed], np.inf)
+            better = retry.verified & (retry.cost < so_far)
+            answer = answer.updated(failed[better], retry.take(better))
+        # Small batches have tried the corners of their first candidates already.
+        if not small or rescued.any():
+            among = rescued if small else answer.verified
+            answer = self._two_feature_vertices(x, noise, constraints, answer, among, small=small)
+        return AmortizedBatch(
+            answer.intervene,
+            answer.values,
+            answer.counterfactual,
+            answer.probability,
+            answer.cost,
+            answer.verified,
+            time.perf_counter() - start,
+        )
+
+    def _with_corners(
+        self,
+        x: FloatArray,
+        noise: FloatArray,
+        constraints: ConstraintArrays,
+        changed: FloatArray,
+        candidates: _Candidates,
+    ) -> tuple[AmortizedBatch, BoolArray]:
+        """Small batches, where a numpy call costs more than its rows: the candidates and
+        the corners of those changing two features (see :meth:`_corners`) are line-searched
+        together and verified in one call; per person the cheapest verified answer is
+        kept, the best pattern's where none is. Also returns, per person, whether a
+        candidate itself passed (a corner of a failed one can be far costlier than the
+        next patterns)."""
+        person = candidates.person
+        current = x[person[:, None], self.columns]
+        lower, upper = constraints.lower[person], constraints.upper[person]
+        mask, step = self._proposed_lines(current, lower, upper, changed[person], candidates)
+        rows = np.arange(len(person))  # each line's candidate
+        two = np.flatnonzero((step != 0).sum(axis=1) == 2)
+        if two.size:
+            of, corner_mask, corner_start, corner_step = self._corners(
+                two, mask, step, current, lower, upper
+            )
+            rows = np.concatenate([rows, of])
+            mask = np.concatenate([mask, corner_mask])
+            current = np.concatenate([current, corner_start])
+            step = np.concatenate([step, corner_step])
+        line_person = person[rows]
+        line = _Line(
+            x[line_person],
+            noise[line_person],
+            self._intervene(mask),
+            current,
+            step,
+            lower[rows],
+            upper[rows],
+        )
+        # A candidate with no accepted scale is verified as proposed; such a corner is out.
+        checked, line_of, cost = self._small_search(
+            line, constraints, line_person, np.arange(len(rows)) < len(person)
+        )
+        # Lines 0 to n - 1 are the people's best patterns, kept where nothing passes.
+        answer = checked.take(_cheapest(line_person[line_of], cost, len(x)))
+        passed = np.zeros(len(x), dtype=bool)
+        passed[person[line_of[np.isfinite(cost) & (line_of < len(person))]]] = True
+        return answer, passed
+
+    def _corners(
+        self,
+        rows: npt.NDArray[np.int64],
+        mask: BoolArray,
+        change: FloatArray,
+        current: FloatArray,
+        lower: FloatArray,
+        upper: FloatArray,
+    ) -> tuple[npt.NDArray[np.int64], BoolArray, FloatArray, FloatArray]:
+        """The corners of rows ``rows``, which change two features: one feature at its
+        interval end in the direction of its change, or back at its current value; the
+        other moving as before. Returns each corner's row, its mask, start and step."""
+        pair = np.nonzero(change[rows])[1].reshape(-1, 2)
+        of = np.repeat(rows, 4)
+        fixed = pair[:, [0, 1, 0, 1]].ravel()
+        moved = pair[:, [1, 0, 1, 0]].ravel()
+        at_end = np.arange(len(of)) % 4 < 2  # the corners of a row: two ends, then two holds
+        end = np.where(change[of, fixed] > 0, upper[of, fixed], lower[of, fixed])
+        usable = ~at_end | np.isfinite(end)
+        if not usable.all():
+            of, fixed, moved, at_end, end = (a[usable] for a in (of, fixed, moved, at_end, end))
+        corner = np.arange(len(of))
+        start = current[of]
+        start[corner[at_end], fixed[at_end]] = end[at_end]
+        step = np.zeros_like(start)
+        step[corner, moved] = change[of, moved]
+        corner_mask = mask[of]
+        # A feature back at its current value stays in the action only if held there
+        # while an acted ancestor moves.
+        corner_mask[corner, fixed] = at_end | (self._ancestor[fixed] & corner_mask).any(axis=1)
+        return of, corner_mask, start, step
 
     def _two_feature_vertices(
         self,
@@ -255,10 +366,12 @@ class AmortizedSolver:
         noise: FloatArray,
         constraints: ConstraintArrays,
         answer: AmortizedBatch,
+        among: BoolArray,
         *,
-        exact: bool,
+        small: bool,
     ) -> AmortizedBatch:
-        """Answers changing two features, moved to the cheapest corner found nearby.
+        """The answers of people ``among`` that change two features, moved to the cheapest
+        corner found nearby.
 
         The joint scaling keeps the network's split between the two changes. With a cost
         linear in each change and a boundary nearly linear over the region, the cheapest
@@ -270,67 +383,76 @@ class AmortizedSolver:
         current = x[:, columns]
         acted = answer.intervene[:, columns]
         change = np.where(acted, answer.values[:, columns] - current, 0.0)
-        changed = change != 0
-        people = np.flatnonzero(answer.verified & (changed.sum(axis=1) == 2))
+        two = among & answer.verified & (np.count_nonzero(change, axis=1) == 2)
+        people = np.flatnonzero(two)
         if not people.size:
             return answer
-        pair = np.nonzero(changed[people])[1].reshape(-1, 2)
-        rows = np.repeat(people, 4)
-        fixed = pair[:, [0, 1, 0, 1]].ravel()
-        moved = pair[:, [1, 0, 1, 0]].ravel()
-        at_end = np.tile([True, True, False, False], len(people))
-        line_rows = np.arange(len(rows))
-        lower, upper = constraints.lower[rows], constraints.upper[rows]
-        end = np.where(change[rows, fixed] > 0, upper[line_rows, fixed], lower[line_rows, fixed])
-        usable = ~at_end | np.isfinite(end)
-        start = current[rows]
-        start[line_rows, fixed] = np.where(at_end & usable, end, start[line_rows, fixed])
-        step = np.zeros_like(start)
-        step[line_rows, moved] = change[rows, moved]
-        mask = acted[rows]
-        # A feature back at its current value stays in the action only if held there
-        # while an acted ancestor moves.
-        mask[line_rows, fixed] = at_end | (self._ancestor[fixed] & mask).any(axis=1)
-        line = _Line(x[rows], noise[rows], self._intervene(mask), start, step, lower, upper)
-        zero_gap = self._gaps(line, line_rows, np.zeros(len(rows)), exact=exact)
-        t = self._line_search(line, zero_gap, exact=exact)
-        values = self._scaled(line, np.where(np.isnan(t), 0.0, t))
-        corners = self._verified(line.x, line.noise, constraints.take(rows), line.intervene, values)
-        cost = np.where(corners.verified & usable & ~np.isnan(t), corners.cost, np.inf)
-        cost = np.column_stack([answer.cost[people], cost.reshape(-1, 4)])
-        best = np.argmin(cost, axis=1)
-        better = best > 0
-        chosen = np.flatnonzero(better) * 4 + best[better] - 1
-        return answer.updated(people[better], corners.take(chosen))
+        of, mask, start, step = self._corners(
+            people, acted, change, current, constraints.lower, constraints.upper
+        )
+        arrays = constraints.take(of)
+        line = _Line(
+            x[of], noise[of], self._intervene(mask), start, step, arrays.lower, arrays.upper
+        )
+        if small:
+            corners, line_of, cost = self._small_search(
+                line, constraints, of, np.zeros(len(of), dtype=bool)
+            )
+            best = _cheapest(line_of, cost, len(of))
+            corners, cost = corners.take(best), cost[best]
+        else:
+            zero_gap = self._gaps(line, np.arange(len(of)), np.zeros(len(of)))
+            t = self._line_search(line, zero_gap)
+            values = self._scaled(line, np.where(np.isnan(t), 0.0, t))
+            corners = self._verified(line.x, line.noise, arrays, line.intervene, values)
+            cost = np.where(corners.verified & ~np.isnan(t), corners.cost, np.inf)
+        # Per person the first corner of the least cost, kept where cheaper than the answer.
+        order = np.lexsort((cost, of))
+        cheapest = order[np.flatnonzero(np.diff(of[order], prepend=-1))]
+        better = cheapest[cost[cheapest] < answer.cost[of[cheapest]]]
+        return answer.updated(of[better], corners.take(better))
 
     def _attempt(
         self,
         x: FloatArray,
         noise: FloatArray,
         constraints: ConstraintArrays,
-        patterns: npt.NDArray[np.int64],
-        allowed: BoolArray,
         changed: FloatArray,
-        factual_gap: FloatArray,
-        *,
-        exact: bool,
+        candidates: _Candidates,
+        factual_gap: FloatArray | None,
     ) -> AmortizedBatch:
-        """Action pattern ``patterns`` (if ``allowed``) of each row, line-searched and verified."""
-        mask, target = self.amortizer.propose_patterns(x, constraints, patterns, allowed, changed)
-        mask &= ~self._no_ops(x, mask, target)
+        """Each candidate, line-searched and verified (small batches: no ``factual_gap``)."""
+        person = candidates.person
+        x, noise, arrays = x[person], noise[person], constraints.take(person)
         current = x[:, self.columns]
-        line = _Line(
-            x,
-            noise,
-            self._intervene(mask),
-            current,
-            np.where(mask, target - current, 0.0),
-            constraints.lower,
-            constraints.upper,
+        mask, step = self._proposed_lines(
+            current, arrays.lower, arrays.upper, changed[person], candidates
         )
-        t = self._line_search(line, factual_gap, exact=exact)
+        line = _Line(x, noise, self._intervene(mask), current, step, arrays.lower, arrays.upper)
+        if factual_gap is None:
+            checked, line_of, cost = self._small_search(
+                line, constraints, person, np.ones(len(x), dtype=bool)
+            )
+            return checked.take(_cheapest(line_of, cost, len(x)))
+        t = self._line_search(line, factual_gap)
         values = self._scaled(line, np.where(np.isnan(t), 1.0, t))
-        return self._verified(x, noise, constraints, line.intervene, values)
+        return self._verified(x, noise, arrays, line.intervene, values)
+
+    def _proposed_lines(
+        self,
+        current: FloatArray,
+        lower: FloatArray,
+        upper: FloatArray,
+        changed: FloatArray,
+        candidates: _Candidates,
+    ) -> tuple[BoolArray, FloatArray]:
+        """The masks of the candidates' patterns (no-ops dropped) and the proposed changes
+        of the actionable features from their ``current`` values."""
+        mask, target = self.amortizer.propose_patterns(
+            current, lower, upper, candidates.patterns, candidates.allowed, changed
+        )
+        mask &= ~self._no_ops(current, mask, target)
+        return mask, np.where(mask, target - current, 0.0)
 
     def _verified(
         self,
@@ -363,33 +485,25 @@ class AmortizedSolver:
         intervene[:, self.columns] = mask
         return intervene
 
-    def _no_ops(self, x: FloatArray, mask: BoolArray, values: FloatArray) -> BoolArray:
+    def _no_ops(self, current: FloatArray, mask: BoolArray, values: FloatArray) -> BoolArray:
         """Acted features set to their current value with no acted ancestor: nothing to do."""
-        unchanged = np.abs(values - x[:, self.columns]) <= 1e-9 * (1 + np.abs(values))
-        held = (mask.astype(np.int64) @ self._ancestor.T.astype(np.int64)) > 0
+        unchanged = np.abs(values - current) <= 1e-9 * (1 + np.abs(values))
+        held = np.dot(mask, self._ancestor_of) > 0
         return mask & unchanged & ~held
 
-    def _line_search(self, line: _Line, zero_gap: FloatArray, *, exact: bool) -> FloatArray:
+    def _line_search(self, line: _Line, zero_gap: FloatArray) -> FloatArray:
         """Per row, the smallest scale either way whose counterfactual is accepted (nan: none).
 
-        Small batches bracket it with a grid of scales in one evaluation (by size, negative
-        ones reversing the proposed direction): between the first accepted scale and the
-        next smaller one (or 0, whose logit gap is ``zero_gap``), in the direction whose
-        secant root is nearer 0. Large batches, where rows are what costs, start from the
-        proposal itself (:meth:`_secant_bracket`). The bracket is then refined by regula
+        For large batches (small ones: :meth:`_small_search`), where rows are what costs:
+        a bracket from the proposal itself (:meth:`_secant_bracket`), refined by regula
         falsi on the logit: the classifier is piecewise linear along the line for a ReLU
         network and a piecewise linear causal model, so the secant is exact once both ends
         share a linear piece. Where a row has a bracket each way, both are refined and the
         smaller scale kept: the logit along a line need not be monotone.
         """
-        n = len(zero_gap)
-        if exact:
-            bracket, sign = self._grid_bracket(line, np.arange(n), zero_gap, True)
-            row_of = np.arange(n)
-        else:
-            bracket, sign, row_of = self._secant_bracket(line, zero_gap)
+        n = len(line.x)
+        bracket, sign, row_of = self._secant_bracket(line, zero_gap)
         lo, lo_gap, hi, hi_gap, found = bracket
-        probes = SMALL_PROBES if exact else np.zeros(1)
         size = np.where(found, hi, np.inf)  # per bracket, the accepted size so far
         # The brackets still moving, compacted each round.
         live = np.flatnonzero(found)
@@ -406,10 +520,8 @@ class AmortizedSolver:
             live, lo, lo_gap, hi, hi_gap, sign_live, rows, last_moved, aim = (
                 a[moves] for a in (live, lo, lo_gap, hi, hi_gap, sign_live, rows, last_moved, aim)
             )
-            u = np.clip(aim[:, None] * (1 + probes), lo[:, None], hi[:, None])
-            gap = self._gaps(
-                line, np.repeat(rows, len(probes)), (sign_live[:, None] * u).ravel(), exact=exact
-            ).reshape(u.shape)
+            u = np.clip(aim, lo, hi)[:, None]  # one probe a row: rows are what costs here
+            gap = self._gaps(line, rows, sign_live * u[:, 0])[:, None]
             ok = gap >= 0
             # The tightest bracket: the smallest accepted probe, the largest rejected below.
             every = np.arange(len(live))
@@ -438,6 +550,111 @@ class AmortizedSolver:
         t[row_of[kept]] = sign[kept] * size[kept]
         return t
 
+    def _small_search(
+        self,
+        line: _Line,
+        constraints: ConstraintArrays,
+        person: npt.NDArray[np.int64],
+        proposed: BoolArray,
+    ) -> tuple[AmortizedBatch, npt.NDArray[np.int64], FloatArray]:
+        """Small batches, where a numpy call costs more than its rows: verified answers
+        along every line, each one's line and its cost where it counts (else inf). Answer
+        i < lines is line i's anchor, the one to keep where none counts. Line i belongs to
+        row ``person[i]`` of ``constraints``.
+
+        Every scale of :data:`SMALL_SCALES` and 0 in one evaluation brackets the first
+        accepted scale of each direction (between it and the next smaller one, or 0), with
+        the float32 classifier: its margin keeps its accepted scales accepted by the exact
+        one. The direction whose secant root is nearer 0 is refined, each round trying the
+        secant's root times 1 plus each of :data:`SMALL_PROBES`, which usually leaves a
+        bracket narrower than the tolerance on both sides at once (later rounds also
+        spread :data:`BRACKET_SHARES` over the bracket). The probes are
+        evaluated by the verification itself (exact model and classifier, float64): the
+        logit it implies moves the brackets, and a probe that passes it with the line
+        search's margin is an answer, so no call re-checks the chosen one. The first round
+        also verifies each line's accepted grid scale or, where none, its proposal
+        (``proposed``; t = 1) or nothing: such a line answers only if that passes.
+        """
+        grid = SMALL_GRID
+        n = len(line.x)
+        every = np.arange(n)
+        rows = np.arange(n * len(grid.scales)) % n
+        gaps = self._gaps(line, rows, np.repeat(grid.scales, n))
+        gaps = gaps.reshape(len(grid.scales), n)
+        # Per direction (rows) and line (columns): the first accepted scale and the one before.
+        first = np.argmax(gaps[grid.columns] >= 0, axis=1)
+        hi_column, lo_column = grid.columns[_DIRECTIONS, first], grid.before[_DIRECTIONS, first]
+        hi, lo = grid.sizes[hi_column], grid.sizes[lo_column]
+        hi_gap, lo_gap = gaps[hi_column, every], gaps[lo_column, every]
+        root = np.where(hi_gap >= 0, _secant_root(lo, lo_gap, hi, hi_gap), np.inf)
+        reverse = (root[1] < root[0]).astype(np.intp)
+        lo, lo_gap, hi, hi_gap = np.array([lo, lo_gap, hi, hi_gap])[:, reverse, every]
+        found = hi_gap >= 0
+        sign = 1.0 - 2.0 * reverse
+        threshold = self.classifier.logit_threshold + self.margin
+        rows, t = every, np.where(found, sign * hi, np.where(proposed, 1.0, 0.0))
+        answers, answer_rows, answer_ok = [], [], []
+        for _ in range(SECANT_ROUNDS):
+            aim = _secant_root(lo, lo_gap, hi, hi_gap) * (1 + SECANT_AIM)
+            moving = np.flatnonzero(found & (aim < hi * (1 - SECANT_TOLERANCE)))
+            if moving.size:
+                u = aim[moving, None] * SMALL_PROBE_FACTORS
+                if answers:  # the secant alone was not enough: also cover the bracket evenly
+                    spread = lo[moving, None] + (hi - lo)[moving, None] * BRACKET_SHARES
+                    u = np.concatenate([u, spread], axis=1)
+                u = np.minimum(np.maximum(u, lo[moving, None]), hi[moving, None])
+                rows = np.concatenate([rows, np.repeat(moving, u.shape[1])])
+                t = np.concatenate([t, (sign[moving, None] * u).ravel()])
+            probes = u.size if moving.size else 0
+            if answers and not rows.size:
+                break
+            checked = self._verified_at(line, constraints.take(person[rows]), rows, t)
+            gap = np.asarray(logit_of(checked.probability)) - threshold
+            ok = checked.verified.copy()
+            ok[len(rows) - probes :] &= gap[len(rows) - probes :] >= 0
+            ok[: len(rows) - probes] &= (found | proposed)[rows[: len(rows) - probes]]
+            answers.append(checked)
+            answer_rows.append(rows)
+            answer_ok.append(ok)
+            if not moving.size:
+                break
+            gap = gap[len(rows) - probes :].reshape(u.shape)
+            rows, t = rows[:0], t[:0]
+            # The tightest bracket: the smallest accepted probe, the largest rejected below.
+            probe = np.arange(len(moving))
+            accepted = np.where(gap >= 0, u, np.inf)
+            first_ok = np.argmin(accepted, axis=1)
+            hi_moves = np.isfinite(accepted[probe, first_ok])
+            hi_gap[moving] = np.where(hi_moves, gap[probe, first_ok], hi_gap[moving])
+            hi[moving] = new_hi = np.where(hi_moves, u[probe, first_ok], hi[moving])
+            below = np.where((gap < 0) & (u < new_hi[:, None]), u, -np.inf)
+            last_no = np.argmax(below, axis=1)
+            lo_moves = below[probe, last_no] > lo[moving]
+            lo_gap[moving] = np.where(lo_moves, gap[probe, last_no], lo_gap[moving])
+            lo[moving] = np.where(lo_moves, u[probe, last_no], lo[moving])
+        checked = answers[0] if len(answers) == 1 else AmortizedBatch.concatenate(answers)
+        rows, ok = np.concatenate(answer_rows), np.concatenate(answer_ok)
+        return checked, rows, np.where(ok, checked.cost, np.inf)
+
+    def _verified_at(
+        self, line: _Line, constraints: ConstraintArrays, rows: npt.NDArray[np.int64], t: FloatArray
+    ) -> AmortizedBatch:
+        """The answers of line rows ``rows`` at scales ``t``, verified (``constraints``: the
+        rows')."""
+        packed = line.table[rows]  # one gather for all the row's numbers
+        f, k = line.x.shape[1], len(self.columns)
+        start, step, lower, upper = (
+            packed[:, 2 * f + i * k : 2 * f + (i + 1) * k] for i in range(4)
+        )
+        values = project_values(self.amortizer.spec, start + t[:, None] * step, lower, upper)
+        return self._verified(
+            packed[:, :f],
+            packed[:, f : 2 * f],
+            constraints,
+            line.intervene[rows],
+            values,
+        )
+
     def _secant_bracket(
         self, line: _Line, zero_gap: FloatArray
     ) -> tuple[_Bracket, FloatArray, npt.NDArray[np.int64]]:
@@ -448,7 +665,7 @@ class AmortizedSolver:
         A row accepted both ways gets a bracket each way; the returned array maps brackets
         to line rows."""
         n = len(zero_gap)
-        gaps = self._gaps(line, np.tile(np.arange(n), 2), np.repeat([1.0, -1.0], n), exact=False)
+        gaps = self._gaps(line, np.tile(np.arange(n), 2), np.repeat([1.0, -1.0], n))
         zero, one = np.zeros(n), np.ones(n)
         ahead = _Bracket(zero, zero_gap, one, gaps[:n], gaps[:n] >= 0)
         back = _Bracket(zero, zero_gap, one, gaps[n:], gaps[n:] >= 0)
@@ -468,7 +685,7 @@ class AmortizedSolver:
             people, guess, p, gp = people[within], guess[within], p[within], gp[within]
             if not people.size:
                 break
-            gap = self._gaps(line, people, sign[people] * guess, exact=False)
+            gap = self._gaps(line, people, sign[people] * guess)
             ok = gap >= 0
             accepted = people[ok]
             found[accepted] = True
@@ -480,7 +697,7 @@ class AmortizedSolver:
             near[people], near_gap[people] = guess, gap
         rest = np.flatnonzero(~found)
         if rest.size:
-            grid, grid_sign = self._grid_bracket(line, rest, zero_gap[rest], False)
+            grid, grid_sign = self._grid_bracket(line, rest, zero_gap[rest])
             for whole, part in zip((lo, lo_gap, hi, hi_gap, found), grid, strict=True):
                 whole[rest] = part
             sign[rest] = grid_sign
@@ -497,18 +714,11 @@ class AmortizedSolver:
         return bracket, sign, np.concatenate([np.arange(n), both])
 
     def _grid_bracket(
-        self, line: _Line, rows: npt.NDArray[np.int64], zero_gap: FloatArray, exact: bool
+        self, line: _Line, rows: npt.NDArray[np.int64], zero_gap: FloatArray
     ) -> tuple[_Bracket, FloatArray]:
-        """Brackets of line rows ``rows`` from a grid of scales (small batches: every scale of
-        :data:`SMALL_SCALES` in one evaluation; large ones :data:`LARGE_STAGES`), in the
+        """Brackets of line rows ``rows`` from the grid of :data:`LARGE_STAGES`, in the
         direction whose secant root is nearer 0."""
-        n = len(rows)
-        if exact:
-            scales = SMALL_SCALES
-            gaps = self._gaps(line, np.tile(rows, len(scales)), np.repeat(scales, n), exact=True)
-            gaps = gaps.reshape(len(scales), n).T
-        else:
-            scales, gaps = self._staged_gaps(line, rows)
+        scales, gaps = self._staged_gaps(line, rows)
         ahead = _Bracket.of(scales, gaps, zero_gap, 1.0)
         back = _Bracket.of(scales, gaps, zero_gap, -1.0)
         reverse = back.found & (~ahead.found | (back.root() < ahead.root()))
@@ -530,7 +740,7 @@ class AmortizedSolver:
             if not people.size:
                 break
             stage_rows = np.tile(rows[people], len(stage))
-            stage_gaps = self._gaps(line, stage_rows, np.repeat(stage, len(people)), exact=False)
+            stage_gaps = self._gaps(line, stage_rows, np.repeat(stage, len(people)))
             stage_gaps = stage_gaps.reshape(len(stage), len(people)).T
             gaps[people, offset : offset + len(stage)] = stage_gaps
             accepted = stage_gaps >= 0
@@ -545,10 +755,8 @@ class AmortizedSolver:
         values = line.start + t[:, None] * line.step
         return project_values(self.amortizer.spec, values, line.lower, line.upper)
 
-    def _gaps(
-        self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray, *, exact: bool
-    ) -> FloatArray:
-        """Logit minus the acceptance threshold of line row ``rows[i]`` at scale ``t[i]``."""
+    def _gaps(self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray) -> FloatArray:
+        """:meth:`_gap` of line row ``rows[i]`` at scale ``t[i]``."""
         packed = line.table[rows]  # one gather for all the row's numbers
         f, k = line.x.shape[1], len(self.columns)
         start, step, lower, upper = (
@@ -562,14 +770,12 @@ class AmortizedSolver:
         counterfactual = self.scm.propagate_counterfactual(
             values, line.intervene[rows], values, packed[:, f : 2 * f]
         )
-        return self._gap(counterfactual, exact=exact)
+        return self._gap(counterfactual)
 
-    def _gap(self, rows: FloatArray, *, exact: bool) -> FloatArray:
-        """The classifier's logit minus the acceptance threshold (>= 0: accepted); the
-        float32 pass keeps a margin above its rounding."""
+    def _gap(self, rows: FloatArray) -> FloatArray:
+        """The classifier's float32 logit minus the acceptance threshold (>= 0: accepted),
+        with a margin above its rounding: the answers are verified in float64."""
         threshold = self.classifier.logit_threshold + self.margin
-        if exact:
-            return self.classifier.logit(rows) - threshold
         logit = self._fast_classifier.forward(rows.astype(np.float32))[:, 0]
         return logit.astype(float) - (threshold + FLOAT32_MARGIN)
 
@@ -672,6 +878,47 @@ def check_compatible(
         )
 
 
+class _SmallGrid(NamedTuple):
+    """The small batches' grid: 0, then :data:`SMALL_SCALES`, and per direction (+, -)
+    the columns of its scales by size, the last repeated to a common width (the first
+    accepted is never a repeat), and of the next smaller scale of each (0 for the first)."""
+
+    scales: FloatArray
+    sizes: FloatArray
+    columns: npt.NDArray[np.intp]
+    before: npt.NDArray[np.intp]
+
+    @classmethod
+    def of(cls, scales: FloatArray) -> _SmallGrid:
+        grid = np.concatenate([[0.0], scales])
+        sides = [np.flatnonzero(np.sign(grid) == sign) for sign in (1.0, -1.0)]
+        width = max(map(len, sides))
+        columns = np.array([np.pad(side, (0, width - len(side)), mode="edge") for side in sides])
+        before = np.concatenate([np.zeros((2, 1), dtype=np.intp), columns[:, :-1]], axis=1)
+        return cls(grid, np.abs(grid), columns, before)
+
+
+SMALL_GRID = _SmallGrid.of(SMALL_SCALES)
+_DIRECTIONS = np.arange(2)[:, None]
+
+
+def _cheapest(group: npt.NDArray[np.int64], cost: FloatArray, groups: int) -> npt.NDArray[np.int64]:
+    """Per group ``0 .. groups - 1``, the first row of the least finite cost, else the
+    group's first row (row i belongs to group ``group[i]``; row g is group g's first)."""
+    order = np.lexsort((cost, group))
+    best = order[np.searchsorted(group[order], np.arange(groups))]
+    return np.where(np.isfinite(cost[best]), best, np.arange(groups))
+
+
+class _Candidates(NamedTuple):
+    """Action patterns to try: each one's person (row of the batch) and pattern."""
+
+    person: npt.NDArray[np.int64]
+    patterns: npt.NDArray[np.int64]
+    allowed: BoolArray
+    """Whether the pattern is allowed (else an empty mask)."""
+
+
 @dataclass(frozen=True, eq=False)
 class _Line:
     """The rows of a line search: values ``start + t step`` of the actionable features,
@@ -734,9 +981,11 @@ def _secant_root(
 ) -> FloatArray:
     """Where the chord through (lo, lo_gap) and (hi, hi_gap) crosses 0, within [lo, hi]."""
     rise = hi_gap - lo_gap
-    with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.clip(-lo_gap / rise, 0.0, 1.0)
-    return lo + np.where(rise > 0, share, 1.0) * (hi - lo)
+    rising = rise > 0
+    share = np.where(
+        rising, np.minimum(np.maximum(-lo_gap / np.where(rising, rise, 1.0), 0.0), 1.0), 1.0
+    )
+    return lo + share * (hi - lo)
 
 
 @dataclass(frozen=True, eq=False)
@@ -767,11 +1016,13 @@ def _top_patterns(logits: FloatArray, count: int) -> tuple[npt.NDArray[np.int64]
     """(n, count) each person's ``count`` best patterns, best first, and (count, n) the
     network's probabilities of them (0: not allowed)."""
     ranked = np.argsort(-logits, axis=1, kind="stable")[:, :count]
-    top = np.take_along_axis(logits, ranked[:, :1], axis=1)
-    top = np.where(np.isfinite(top), top, 0.0)
+    people = np.arange(len(logits))[:, None]
+    top = logits[people, ranked[:, :1]]
+    top[~np.isfinite(top)] = 0.0
     weights = np.exp(logits - top)  # exp(-inf) = 0 for the patterns not allowed
     total = weights.sum(axis=1, keepdims=True)
-    chances = np.take_along_axis(weights, ranked, axis=1) / np.where(total > 0, total, 1.0)
+    total[total == 0] = 1.0
+    chances = weights[people, ranked] / total
     return ranked, chances.T
 
 

@@ -154,8 +154,15 @@ def test_random_networks_never_break_a_hard_constraint(
         full = x.copy()
         full[:, spec.actionable_columns] = values
         assert_hard_constraints(scm, x, people, intervene, full)
-    batch = AmortizedSolver(amortizer, scm, clf).predict(x, arrays)
+    solver = AmortizedSolver(amortizer, scm, clf)
+    batch = solver.predict(x, arrays)
     assert_hard_constraints(scm, x, people, batch.intervene, batch.values)
+    # The small batches' schedule (candidates, corners and fallbacks searched together).
+    for rows in np.array_split(np.arange(200), 40):
+        small = solver.predict(x[rows], arrays.take(rows))
+        chosen = [people[i] for i in rows]
+        assert_hard_constraints(scm, x[rows], chosen, small.intervene, small.values)
+    assert solver.predict(x[:0], arrays.take(np.arange(0))).verified.shape == (0,)
 
 
 def test_trained_model_keeps_constraints_and_verifies_on_thousands(trained: Amortizer) -> None:
