@@ -301,15 +301,24 @@ class Amortizer:
         choice: IntArray,
         allowed: BoolArray,
         changed: FloatArray,
+        *,
+        whole: bool = True,
     ) -> tuple[BoolArray, FloatArray]:
         """:meth:`propose` for the patterns ``choice`` (indices in the catalogue), given
         the actionable features' ``current`` values and the people's intervals, whether
-        each pattern is ``allowed`` (else an empty mask) and the network's ``changed``."""
+        each pattern is ``allowed`` (else an empty mask) and the network's ``changed``.
+
+        ``whole=False`` leaves integer features unrounded (still clipped): the direction
+        of a line search, which rounds at every scale, so that a change proposed under
+        half a unit is scaled up instead of rounded away.
+        """
         spec = self.spec
         pattern = spec.catalogue[choice]
         pattern[~allowed] = NOT_ACTED
         values = np.where(pattern == CHANGE, changed, current)
-        return pattern != NOT_ACTED, project_values(spec, values, lower, upper)
+        if whole:
+            return pattern != NOT_ACTED, project_values(spec, values, lower, upper)
+        return pattern != NOT_ACTED, np.minimum(np.maximum(values, lower), upper)
 
 
 class PatternScores(NamedTuple):

@@ -449,7 +449,7 @@ class AmortizedSolver:
         """The masks of the candidates' patterns (no-ops dropped) and the proposed changes
         of the actionable features from their ``current`` values."""
         mask, target = self.amortizer.propose_patterns(
-            current, lower, upper, candidates.patterns, candidates.allowed, changed
+            current, lower, upper, candidates.patterns, candidates.allowed, changed, whole=False
         )
         mask &= ~self._no_ops(current, mask, target)
         return mask, np.where(mask, target - current, 0.0)
