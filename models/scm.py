@@ -374,6 +374,10 @@ class StructuralCausalModel:
                 reached.add(var.name)
         return reached
 
+    def named(self, x: FloatArray) -> dict[str, float]:
+        """One row of features as ``{name: value}`` (the form answers report)."""
+        return {name: float(v) for name, v in zip(self.names, x, strict=True)}
+
     def ancestor_matrix(self) -> BoolArray:
         """(features, features): entry [k, a] is true when a is a proper ancestor of k."""
         return np.array(

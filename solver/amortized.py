@@ -173,18 +173,21 @@ class AmortizedBatch:
     @classmethod
     def concatenate(cls, batches: Sequence[AmortizedBatch]) -> AmortizedBatch:
         """The rows of ``batches`` in order (their seconds summed)."""
-        names = ("intervene", "values", "counterfactual", "probability", "cost", "verified")
-        arrays = {name: np.concatenate([getattr(b, name) for b in batches]) for name in names}
+        arrays = {name: np.concatenate([getattr(b, name) for b in batches]) for name in _PER_PERSON}
         return cls(**arrays, seconds=sum(b.seconds for b in batches))
 
     def updated(self, rows: npt.NDArray[np.int64], other: AmortizedBatch) -> AmortizedBatch:
         """This batch with ``rows`` replaced by ``other``'s rows, in order."""
         fields = {}
-        for name in ("intervene", "values", "counterfactual", "probability", "cost", "verified"):
+        for name in _PER_PERSON:
             array = getattr(self, name).copy()
             array[rows] = getattr(other, name)
             fields[name] = array
         return AmortizedBatch(**fields, seconds=self.seconds)
+
+
+_PER_PERSON = ("intervene", "values", "counterfactual", "probability", "cost", "verified")
+"""The fields of :class:`AmortizedBatch` with a row per person."""
 
 
 class AmortizedSolver:
@@ -270,15 +273,7 @@ class AmortizedSolver:
         if not small or rescued.any():
             among = rescued if small else answer.verified
             answer = self._two_feature_vertices(x, noise, constraints, answer, among, small=small)
-        return AmortizedBatch(
-            answer.intervene,
-            answer.values,
-            answer.counterfactual,
-            answer.probability,
-            answer.cost,
-            answer.verified,
-            time.perf_counter() - start,
-        )
+        return dataclasses.replace(answer, seconds=time.perf_counter() - start)
 
     def _with_corners(
         self,
@@ -641,19 +636,21 @@ class AmortizedSolver:
     ) -> AmortizedBatch:
         """The answers of line rows ``rows`` at scales ``t``, verified (``constraints``: the
         rows')."""
-        packed = line.table[rows]  # one gather for all the row's numbers
+        x, noise, values = self._rows_at(line, rows, t)
+        return self._verified(x, noise, constraints, line.intervene[rows], values)
+
+    def _rows_at(
+        self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray
+    ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """Line rows ``rows``' factual rows (a copy), noise, and actionable values at scales
+        ``t``, projected: one gather for all of a row's numbers."""
+        packed = line.table[rows]
         f, k = line.x.shape[1], len(self.columns)
         start, step, lower, upper = (
             packed[:, 2 * f + i * k : 2 * f + (i + 1) * k] for i in range(4)
         )
         values = project_values(self.amortizer.spec, start + t[:, None] * step, lower, upper)
-        return self._verified(
-            packed[:, :f],
-            packed[:, f : 2 * f],
-            constraints,
-            line.intervene[rows],
-            values,
-        )
+        return packed[:, :f], packed[:, f : 2 * f], values
 
     def _secant_bracket(
         self, line: _Line, zero_gap: FloatArray
@@ -757,18 +754,11 @@ class AmortizedSolver:
 
     def _gaps(self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray) -> FloatArray:
         """:meth:`_gap` of line row ``rows[i]`` at scale ``t[i]``."""
-        packed = line.table[rows]  # one gather for all the row's numbers
-        f, k = line.x.shape[1], len(self.columns)
-        start, step, lower, upper = (
-            packed[:, 2 * f + i * k : 2 * f + (i + 1) * k] for i in range(4)
-        )
-        values = packed[:, :f]
-        values[:, self.columns] = project_values(
-            self.amortizer.spec, start + t[:, None] * step, lower, upper
-        )
+        values, noise, actionable = self._rows_at(line, rows, t)
+        values[:, self.columns] = actionable
         # Only the shape of the factual rows matters once the noise is given.
         counterfactual = self.scm.propagate_counterfactual(
-            values, line.intervene[rows], values, packed[:, f : 2 * f]
+            values, line.intervene[rows], values, noise
         )
         return self._gap(counterfactual)
 
@@ -818,9 +808,9 @@ class AmortizedSolver:
         acted = np.flatnonzero(batch.intervene[i])
         return RecourseResult(
             status=SolveStatus.FEASIBLE,
-            factual=_row(scm, x),
+            factual=scm.named(x),
             action={scm.names[k]: float(batch.values[i, k]) for k in acted},
-            counterfactual=_row(scm, batch.counterfactual[i]),
+            counterfactual=scm.named(batch.counterfactual[i]),
             cost=float(batch.cost[i]),
             probability=float(batch.probability[i]),
             factual_probability=float(factual_probability),
@@ -1029,12 +1019,8 @@ def _top_patterns(logits: FloatArray, count: int) -> tuple[npt.NDArray[np.int64]
 def _actionable_ancestors(scm: StructuralCausalModel) -> BoolArray:
     """(K, K): entry [k, a] is true when actionable feature a is an ancestor of k; a
     feature with any such ancestor can be held (kept at its value while they move)."""
-    columns = [scm.index[name] for name in scm.actionable]
+    columns = scm.actionable_columns
     return scm.ancestor_matrix()[np.ix_(columns, columns)]
-
-
-def _row(scm: StructuralCausalModel, x: FloatArray) -> dict[str, float]:
-    return {name: float(v) for name, v in zip(scm.names, x, strict=True)}
 
 
 def _plus_seconds(info: SolverInfo, seconds: float) -> SolverInfo:

@@ -97,7 +97,7 @@ class GridOracleSolver:
         start = time.perf_counter()
         scm, clf = self.scm, self.classifier
         x = np.asarray(x, dtype=float)
-        row = dict(zip(scm.names, map(float, x), strict=True))
+        row = scm.named(x)
         factual_probability = float(clf.probability(x[None, :])[0])
         found = self._engine.grid_oracle(x, constraints, values_per_feature=self.values_per_feature)
         seconds = time.perf_counter() - start
@@ -105,19 +105,13 @@ class GridOracleSolver:
             f"grid-oracle-{self.values_per_feature}", "", seconds, 0.0, None, solves=0
         )
         if found is None:
-            return RecourseResult(
-                status=SolveStatus.NOT_FOUND,
-                factual=row,
-                action={},
-                counterfactual=None,
-                cost=None,
-                probability=None,
-                factual_probability=factual_probability,
-                verified=False,
-                verification_failures=(),
-                solver=info,
-                message="no point of the grid makes the classifier accept",
-                constraints=constraints.to_dict(),
+            return RecourseResult.without_action(
+                SolveStatus.NOT_FOUND,
+                row,
+                factual_probability,
+                info,
+                "no point of the grid makes the classifier accept",
+                constraints.to_dict(),
                 answered_by="grid-oracle",
             )
         noise = scm.abduct_noise(x[None, :])[0]
@@ -128,7 +122,7 @@ class GridOracleSolver:
             status=SolveStatus.FEASIBLE,
             factual=row,
             action={scm.names[k]: float(found.values[k]) for k in np.flatnonzero(found.intervene)},
-            counterfactual=dict(zip(scm.names, map(float, check.counterfactual), strict=True)),
+            counterfactual=scm.named(check.counterfactual),
             cost=check.cost,
             probability=check.probability,
             factual_probability=factual_probability,

@@ -204,9 +204,9 @@ class RecourseSolver:
         gap = None if bound is None else max(0.0, check.cost - bound)
         return RecourseResult(
             status=outcome.status,
-            factual=self._row(x),
+            factual=self.scm.named(x),
             action={scm.names[k]: float(values[k]) for k in np.flatnonzero(intervene)},
-            counterfactual=self._row(check.counterfactual),
+            counterfactual=self.scm.named(check.counterfactual),
             cost=check.cost,
             probability=check.probability,
             factual_probability=factual_probability,
@@ -507,9 +507,6 @@ class RecourseSolver:
             candidates = candidates[restart:]
         return intervene
 
-    def _row(self, x: FloatArray) -> dict[str, float]:
-        return {name: float(v) for name, v in zip(self.scm.names, x, strict=True)}
-
     def _info(
         self, start: float, solves: int, seconds: float, gap: float | None, incumbent: float | None
     ) -> SolverInfo:
@@ -528,9 +525,9 @@ class RecourseSolver:
     ) -> RecourseResult:
         return RecourseResult(
             status=SolveStatus.OPTIMAL,
-            factual=self._row(x),
+            factual=self.scm.named(x),
             action={},
-            counterfactual=self._row(x),
+            counterfactual=self.scm.named(x),
             cost=0.0,
             probability=probability,
             factual_probability=probability,
@@ -556,19 +553,13 @@ class RecourseSolver:
         message = outcome.message
         if outcome.status is SolveStatus.INFEASIBLE:
             message = "no action within this person's constraints makes the classifier accept"
-        return RecourseResult(
-            status=outcome.status,
-            factual=self._row(x),
-            action={},
-            counterfactual=None,
-            cost=None,
-            probability=None,
-            factual_probability=probability,
-            verified=False,
-            verification_failures=(),
-            solver=self._info(start, solves, seconds, None, incumbent),
-            message=message,
-            constraints=constraints.to_dict(),
+        return RecourseResult.without_action(
+            outcome.status,
+            self.scm.named(x),
+            probability,
+            self._info(start, solves, seconds, None, incumbent),
+            message,
+            constraints.to_dict(),
         )
 
 

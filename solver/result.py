@@ -52,6 +52,34 @@ class RecourseResult:
     (the exact MILP over the predicted features) or ``milp-repair`` (the full MILP); for
     the benchmark's reference methods ``non-causal`` or ``grid-oracle``."""
 
+    @classmethod
+    def without_action(
+        cls,
+        status: SolveStatus,
+        factual: dict[str, float],
+        factual_probability: float,
+        solver: SolverInfo,
+        message: str,
+        constraints: dict[str, Any],
+        answered_by: str = "milp",
+    ) -> RecourseResult:
+        """An answer with no action to return (none exists, none found, or an error)."""
+        return cls(
+            status=status,
+            factual=factual,
+            action={},
+            counterfactual=None,
+            cost=None,
+            probability=None,
+            factual_probability=factual_probability,
+            verified=False,
+            verification_failures=(),
+            solver=solver,
+            message=message,
+            constraints=constraints,
+            answered_by=answered_by,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["status"] = self.status.value
