@@ -18,27 +18,23 @@ import enum
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from models.expressions import (
-    CompiledExpression,
-    CompiledInverse,
     Expr,
     ExpressionError,
-    Var,
     check_invertible,
-    compile_expression,
-    compile_inverse,
     evaluate,
     free_names,
     parse_expression,
     sigmoid,
 )
+from models.programs import ModelProgram
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -192,20 +188,6 @@ class Variable:
     description: str = ""
 
 
-class _CompiledEquation(NamedTuple):
-    """One variable's equation compiled once, for the per-call numerics.
-
-    Both read the rows' columns from a list (no dict per call): slot k holds variable k,
-    slot ``num_features + k`` its noise.
-    """
-
-    value: CompiledExpression
-    """The variable from its parents' slots and its own noise slot."""
-    noise: CompiledInverse | None
-    """``noise`` from the variable and its parents' slots (abduction); None when the
-    equation is ``noise`` itself (roots, one-hot levels), whose noise is the value."""
-
-
 @dataclass(frozen=True)
 class Label:
     """How the ground-truth label is produced: deterministically, or drawn from a probability."""
@@ -242,27 +224,12 @@ class StructuralCausalModel:
         self.label_spec = label
         self.one_hot = dict(one_hot or {})
         self._document = document
-        self._compile()
-
-    def _compile(self) -> None:
-        self._equations = []
-        for j, var in enumerate(self.variables):
-            parents = {p: self.index[p] for p in var.parents}
-            value = compile_expression(var.equation, parents | {NOISE: self.num_features + j})
-            noise = None
-            if not isinstance(var.equation, Var):
-                noise = compile_inverse(var.equation, NOISE, parents)
-            self._equations.append(_CompiledEquation(value, noise))
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Closures do not pickle; they are rebuilt from the parsed equations.
-        state = self.__dict__.copy()
-        del state["_equations"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._compile()
+        self.program = ModelProgram.build(
+            [var.equation for var in self.variables],
+            [{p: self.index[p] for p in var.parents} for var in self.variables],
+            NOISE,
+        )
+        """The equations and their inverses as one compiled program (the numerics)."""
 
     # -- loading ------------------------------------------------------------------------
 
@@ -407,15 +374,10 @@ class StructuralCausalModel:
 
     def generate(self, noise: FloatArray) -> FloatArray:
         """Features from exogenous noise, in topological order (the observational model)."""
-        noise = np.atleast_2d(np.asarray(noise, dtype=float))
+        noise = np.ascontiguousarray(np.atleast_2d(noise), dtype=float)
         x = np.empty_like(noise)
-        _by_blocks(self._generate_rows, x, noise)
+        self.program.propagate(x, np.zeros(x.shape, dtype=bool), x, noise)
         return x
-
-    def _generate_rows(self, x: FloatArray, noise: FloatArray) -> None:
-        columns = [*x.T, *noise.T]  # views; x's filled in topological order
-        for j, equation in enumerate(self._equations):
-            columns[j][...] = equation.value(columns)
 
     def sample(self, n: int, seed: int | np.random.Generator) -> tuple[FloatArray, FloatArray]:
         """``n`` individuals and the noise behind them."""
@@ -424,16 +386,10 @@ class StructuralCausalModel:
 
     def abduct_noise(self, x: FloatArray) -> FloatArray:
         """Recover the noise behind factual rows (inverting each equation for ``noise``)."""
-        x = np.atleast_2d(np.asarray(x, dtype=float))
-        noise = np.copy(x)  # right already where the equation is ``noise`` itself
-        _by_blocks(self._abduct_rows, noise, x)
+        x = np.ascontiguousarray(np.atleast_2d(x), dtype=float)
+        noise = x.copy()  # right already where the equation is ``noise`` itself
+        self.program.abduct(noise, x)
         return noise
-
-    def _abduct_rows(self, noise: FloatArray, x: FloatArray) -> None:
-        columns = list(x.T)
-        for j, equation in enumerate(self._equations):
-            if equation.noise is not None:
-                noise[:, j] = equation.noise(columns[j], columns)
 
     def propagate_counterfactual(
         self,
@@ -450,30 +406,15 @@ class StructuralCausalModel:
         x_factual = np.atleast_2d(np.asarray(x_factual, dtype=float))
         if noise is None:
             noise = self.abduct_noise(x_factual)
-        intervene = _broadcast(np.asarray(intervene, dtype=bool), x_factual.shape)
-        values = _broadcast(np.asarray(values, dtype=float), x_factual.shape)
-        noise = _broadcast(np.asarray(noise, dtype=float), x_factual.shape)
-        x = np.empty_like(x_factual)
-        _by_blocks(self._propagate_rows, x, intervene, values, noise)
+        shape = x_factual.shape
+        x = np.empty(shape)
+        self.program.propagate(
+            x,
+            _c_ordered(intervene, bool, shape),
+            _c_ordered(values, float, shape),
+            _c_ordered(noise, float, shape),
+        )
         return x
-
-    def _propagate_rows(
-        self, x: FloatArray, intervene: BoolArray, values: FloatArray, noise: FloatArray
-    ) -> None:
-        columns = [*x.T, *noise.T]  # views; x's filled in topological order
-        # A feature set in every row needs no equation, one set in none no np.where: on few
-        # rows (the solvers' checks) these per-column numpy calls are most of the cost. One
-        # row per feature, because numpy reduces a narrow array along axis 0 slowly.
-        intervene_by_feature = np.ascontiguousarray(intervene.T)
-        rows_set = intervene_by_feature.sum(axis=1).tolist()
-        for j, equation in enumerate(self._equations):
-            if rows_set[j] == len(x):
-                columns[j][...] = values[:, j]
-                continue
-            natural = equation.value(columns)
-            if rows_set[j]:
-                natural = np.where(intervene_by_feature[j], values[:, j], natural)
-            columns[j][...] = natural
 
     def label(self, x: FloatArray, seed: int | np.random.Generator | None = None) -> FloatArray:
         """Ground-truth label of rows ``x`` (a seed is needed for probabilistic labels)."""
@@ -511,33 +452,18 @@ class StructuralCausalModel:
         return {n: x[:, i] for i, n in enumerate(self.names)}
 
 
-# Rows per block of a large batch. Its temporaries (64 KiB a column) stay below glibc's
-# mmap threshold and in cache; a whole batch's (800 KiB for 100,000 rows) arrive as fresh
-# pages on every operation, and the page faults cost more than the arithmetic.
-_BLOCK_ROWS = 8192
-
-
-def _by_blocks(fill: Callable[..., None], *arrays: npt.NDArray[Any]) -> None:
-    """``fill(*arrays)`` (row i of each array belongs together), a block of rows at a time.
-
-    Every operation is elementwise along the rows, so blocks give the same bits.
-    """
-    n = len(arrays[0])
-    if n <= _BLOCK_ROWS:
-        fill(*arrays)
-        return
-    for start in range(0, n, _BLOCK_ROWS):
-        fill(*(array[start : start + _BLOCK_ROWS] for array in arrays))
-
-
 def _read_only(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
     array.flags.writeable = False
     return array
 
 
-def _broadcast(array: npt.NDArray[Any], shape: tuple[int, ...]) -> npt.NDArray[Any]:
-    """``np.broadcast_to``, skipped (it costs microseconds) when the shape already fits."""
-    return array if array.shape == shape else np.broadcast_to(array, shape)
+def _c_ordered(array: Any, dtype: type, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+    """``array`` broadcast to ``shape`` as a C-ordered array of ``dtype`` (the compiled
+    program's one layout), copied only when it is not one already."""
+    array = np.asarray(array, dtype=dtype)
+    if array.shape != shape:
+        array = np.broadcast_to(array, shape)
+    return np.ascontiguousarray(array)
 
 
 def _parse_variable(raw: Any, position: int, seen: set[str]) -> Variable:

@@ -1,0 +1,342 @@
+"""Structural equations compiled to flat stack programs, run row by row by numba.
+
+A causal model's numerics (generating, abducting noise, propagating an intervention)
+apply a handful of scalar operations per variable. With numpy, each is a call with a
+fixed cost of about a microsecond: on the few rows of one person's checks, that overhead
+is nearly all the time. Here every equation becomes a short program of opcodes over a
+slot vector (slot k: variable k; slot ``num_features + k``: its noise), and one jitted
+loop runs the whole model per row, fused, with no temporaries.
+
+The programs are built from the whitelisted :class:`~models.expressions.Expr` trees,
+never from text; the interpreter knows only the opcodes below. Its arithmetic follows
+numpy's (inf and nan instead of exceptions; ``max``/``min`` propagate nan), so values
+agree with :func:`~models.expressions.evaluate` to the last bits of the math library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import numpy.typing as npt
+
+from models.expressions import (
+    BinOp,
+    Call,
+    Const,
+    Expr,
+    ExpressionError,
+    Neg,
+    Var,
+    count_name,
+    evaluate,
+)
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+# Opcodes. SLOT pushes slots[arg], CONST pushes const; unary ones replace the top of the
+# stack, binary ones pop b and replace a (the value below) with ``a op b``.
+SLOT, CONST = 0, 1
+NEG, ABS, INDICATOR, SIGMOID, EXP, LOG, LOG_ODDS, SIGNED_ROOT = 2, 3, 4, 5, 6, 7, 8, 9
+ADD, SUB, MUL, DIV, POW, MAX, MIN, REVERSED_SUB, REVERSED_DIV = 10, 11, 12, 13, 14, 15, 16, 17, 18
+# SIGNED_ROOT (abduction through ``**``): sign(v) * |v| ** const. LOG_ODDS undoes sigmoid.
+# REVERSED_SUB and REVERSED_DIV compute ``b - a`` and ``b / a`` (abduction, where the value
+# on the path sits below the other operand).
+
+_BINARY = {"+": ADD, "-": SUB, "*": MUL, "/": DIV, "**": POW}
+_CALLS = {"abs": ABS, "indicator": INDICATOR, "sigmoid": SIGMOID, "exp": EXP, "log": LOG}
+_PAIRWISE = {"max": MAX, "min": MIN}
+# (operator, path in the left operand) -> the op applied to (value, other) on the stack.
+_UNDO = {
+    ("+", True): SUB,
+    ("+", False): SUB,
+    ("-", True): ADD,
+    ("-", False): REVERSED_SUB,
+    ("*", True): DIV,
+    ("*", False): DIV,
+    ("/", True): MUL,
+    ("/", False): REVERSED_DIV,
+}
+_UNDO_CALL = {"sigmoid": LOG_ODDS, "exp": LOG, "log": EXP}
+
+
+@dataclass(frozen=True, eq=False)
+class ModelProgram:
+    """Every variable's equation, and its inverse for the noise, as one opcode table.
+
+    Variable j's equation is rows ``value_start[j]:value_start[j + 1]`` of ``ops``,
+    ``args`` and ``consts``; its inverse (the noise from the variable and its parents)
+    rows ``noise_start[j]:noise_start[j + 1]``, empty where the noise is the value itself.
+    """
+
+    ops: IntArray
+    args: IntArray
+    consts: FloatArray
+    value_start: IntArray
+    noise_start: IntArray
+    depth: int
+    """The deepest stack any of the programs needs."""
+
+    @classmethod
+    def build(
+        cls, equations: list[Expr], parents: list[dict[str, int]], noise_name: str
+    ) -> ModelProgram:
+        """``equations[j]`` reads its parents' slots ``parents[j]`` and the noise symbol
+        ``noise_name`` (slot ``len(equations) + j``)."""
+        emitter = _Emitter()
+        value_start, noise_start = [0], []
+        for j, equation in enumerate(equations):
+            emitter.value(equation, parents[j] | {noise_name: len(equations) + j})
+            value_start.append(len(emitter.ops))
+        noise_start.append(len(emitter.ops))
+        for j, equation in enumerate(equations):
+            if not isinstance(equation, Var):
+                emitter.inverse(equation, noise_name, j, parents[j])
+            noise_start.append(len(emitter.ops))
+        return cls(
+            np.array(emitter.ops, np.int64),
+            np.array(emitter.args, np.int64),
+            np.array(emitter.consts, float),
+            np.array(value_start, np.int64),
+            np.array(noise_start, np.int64),
+            max(emitter.depth, 1),
+        )
+
+    def propagate(
+        self, x: FloatArray, intervene: BoolArray, values: FloatArray, noise: FloatArray
+    ) -> None:
+        """Fill ``x`` in place: each variable set by ``intervene`` takes ``values``, the
+        others their equations from their parents in ``x`` and ``noise`` (all C-ordered,
+        same shape)."""
+        _propagate(self.ops, self.args, self.consts, self.value_start, self.depth,
+                   x, intervene, values, noise)  # fmt: skip
+
+    def abduct(self, noise: FloatArray, x: FloatArray) -> None:
+        """Fill ``noise`` where an equation is inverted (elsewhere it is left as given)."""
+        _abduct(self.ops, self.args, self.consts, self.noise_start, self.depth, noise, x)
+
+
+class _Emitter:
+    """Appends programs to one table, tracking the stack's depth."""
+
+    def __init__(self) -> None:
+        self.ops: list[int] = []
+        self.args: list[int] = []
+        self.consts: list[float] = []
+        self.depth = 0
+        self._height = 0
+
+    def _emit(self, op: int, *, arg: int = 0, const: float = 0.0, pushes: int = 0) -> None:
+        self.ops.append(op)
+        self.args.append(arg)
+        self.consts.append(const)
+        self._height += pushes
+        self.depth = max(self.depth, self._height)
+
+    def value(self, expr: Expr, slots: dict[str, int]) -> None:
+        """A program that computes ``expr``."""
+        self._height = 0
+        self._push(expr, slots)
+
+    def _push(self, expr: Expr, slots: dict[str, int]) -> None:
+        """Code that pushes the value of ``expr``."""
+        if reads_names(expr):
+            self._tree(expr, slots)
+            return
+        try:  # constants folded by numpy itself: the same value as evaluate()
+            value = float(evaluate(expr, {}))
+        except ArithmeticError:  # e.g. 1 / 0 in Python floats: left to the interpreter (inf)
+            self._tree(expr, slots)
+            return
+        self._emit(CONST, const=value, pushes=1)
+
+    def _tree(self, expr: Expr, slots: dict[str, int]) -> None:
+        if isinstance(expr, Const):
+            self._emit(CONST, const=expr.value, pushes=1)
+        elif isinstance(expr, Var):
+            if expr.name not in slots:
+                raise ExpressionError(f"No value for {expr.name!r} while evaluating an equation.")
+            self._emit(SLOT, arg=slots[expr.name], pushes=1)
+        elif isinstance(expr, Neg):
+            self._push(expr.arg, slots)
+            self._emit(NEG)
+        elif isinstance(expr, BinOp):
+            self._push(expr.left, slots)
+            self._push(expr.right, slots)
+            self._emit(_BINARY[expr.op], pushes=-1)
+        else:
+            assert isinstance(expr, Call)
+            self._push(expr.args[0], slots)
+            if expr.func in _PAIRWISE:
+                for arg in expr.args[1:]:  # folded pairwise from the left
+                    self._push(arg, slots)
+                    self._emit(_PAIRWISE[expr.func], pushes=-1)
+            else:
+                self._emit(_CALLS[expr.func])
+
+    def inverse(self, expr: Expr, symbol: str, column: int, slots: dict[str, int]) -> None:
+        """A program that computes the value of ``symbol`` (it appears once in ``expr``,
+        below invertible operations) for which ``expr`` equals variable ``column``: the
+        operations undone from the root down."""
+        self._height = 0
+        self._emit(SLOT, arg=column, pushes=1)
+        node = expr
+        while not isinstance(node, Var):
+            if isinstance(node, Neg):
+                self._emit(NEG)
+                node = node.arg
+            elif isinstance(node, BinOp):
+                in_left = count_name(node.left, symbol) > 0
+                path, side = (node.left, node.right) if in_left else (node.right, node.left)
+                if node.op == "**":  # the exponent is a constant, so the path is the base
+                    self._emit(SIGNED_ROOT, const=1.0 / side.value)  # type: ignore[attr-defined]
+                else:
+                    self._push(side, slots)
+                    self._emit(_UNDO[node.op, in_left], pushes=-1)
+                node = path
+            else:
+                assert isinstance(node, Call)
+                self._emit(_UNDO_CALL[node.func])
+                node = node.args[0]
+
+
+def reads_names(expr: Expr) -> bool:
+    """Whether ``expr`` reads a variable (else it is a constant, to fold)."""
+    if isinstance(expr, Var):
+        return True
+    if isinstance(expr, Const):
+        return False
+    if isinstance(expr, Neg):
+        return reads_names(expr.arg)
+    if isinstance(expr, BinOp):
+        return reads_names(expr.left) or reads_names(expr.right)
+    assert isinstance(expr, Call)
+    return any(reads_names(arg) for arg in expr.args)
+
+
+# ---------------------------------------------------------------------------------------
+# The interpreter. It runs a program over a block of rows at a time, one opcode over the
+# whole block: the dispatch is paid once per block and the loops vectorize.
+# error_model="numpy": division by zero gives inf or nan, as in numpy.
+
+_JIT = {"nogil": True, "cache": True, "error_model": "numpy"}
+BLOCK = 128
+"""Rows per block: the slots and stack (a few KiB a row of the program) stay in L1."""
+
+
+@numba.njit(**_JIT)
+def run_program(ops, args, consts, begin, end, slots, stack, m):
+    """Rows ``begin:end`` of the program over the first ``m`` columns of ``slots`` (one row
+    per slot); the values are left in ``stack[0, :m]``."""
+    top = -1
+    for i in range(begin, end):
+        op = ops[i]
+        if op == SLOT:
+            top += 1
+            stack[top, :m] = slots[args[i], :m]
+        elif op == CONST:
+            top += 1
+            stack[top, :m] = consts[i]
+        elif op < ADD:
+            _unary(op, stack[top, :m], consts[i])
+        else:
+            top -= 1
+            _binary(op, stack[top, :m], stack[top + 1, :m])
+
+
+@numba.njit(**_JIT)
+def _unary(op, v, const):
+    """``v`` replaced by ``op`` of it."""
+    if op == NEG:
+        for r in range(len(v)):
+            v[r] = -v[r]
+    elif op == ABS:
+        for r in range(len(v)):
+            v[r] = abs(v[r])
+    elif op == INDICATOR:
+        for r in range(len(v)):
+            v[r] = 1.0 if v[r] >= 0.0 else 0.0
+    elif op == SIGMOID:
+        # numpy's form (see models.expressions.sigmoid): exp of a non-positive number only.
+        for r in range(len(v)):
+            e = np.exp(-abs(v[r]))
+            v[r] = (1.0 if v[r] >= 0.0 else e) / (1.0 + e)
+    elif op == EXP:
+        for r in range(len(v)):
+            v[r] = np.exp(v[r])
+    elif op == LOG:
+        for r in range(len(v)):
+            v[r] = np.log(v[r])
+    elif op == LOG_ODDS:
+        for r in range(len(v)):
+            v[r] = np.log(v[r]) - np.log1p(-v[r])
+    else:  # SIGNED_ROOT
+        for r in range(len(v)):
+            v[r] = np.sign(v[r]) * np.abs(v[r]) ** const
+
+
+@numba.njit(**_JIT)
+def _binary(op, a, b):
+    """``a`` replaced by ``a op b``."""
+    if op == ADD:
+        for r in range(len(a)):
+            a[r] += b[r]
+    elif op == SUB:
+        for r in range(len(a)):
+            a[r] -= b[r]
+    elif op == MUL:
+        for r in range(len(a)):
+            a[r] *= b[r]
+    elif op == DIV:
+        for r in range(len(a)):
+            a[r] /= b[r]
+    elif op == POW:
+        for r in range(len(a)):
+            a[r] = a[r] ** b[r]
+    elif op == REVERSED_SUB:
+        for r in range(len(a)):
+            a[r] = b[r] - a[r]
+    elif op == REVERSED_DIV:
+        for r in range(len(a)):
+            a[r] = b[r] / a[r]
+    elif op == MAX:  # nan propagates, as in numpy
+        for r in range(len(a)):
+            a[r] = a[r] + b[r] if a[r] != a[r] or b[r] != b[r] else max(a[r], b[r])
+    else:  # MIN
+        for r in range(len(a)):
+            a[r] = a[r] + b[r] if a[r] != a[r] or b[r] != b[r] else min(a[r], b[r])
+
+
+@numba.njit(**_JIT)
+def _propagate(ops, args, consts, value_start, depth, x, intervene, values, noise):
+    n, f = x.shape
+    slots = np.empty((2 * f, BLOCK))
+    stack = np.empty((depth, BLOCK))
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        for r in range(m):
+            slots[f:, r] = noise[start + r]
+        for j in range(f):
+            run_program(ops, args, consts, value_start[j], value_start[j + 1], slots, stack, m)
+            for r in range(m):
+                slots[j, r] = values[start + r, j] if intervene[start + r, j] else stack[0, r]
+        for r in range(m):
+            x[start + r] = slots[:f, r]
+
+
+@numba.njit(**_JIT)
+def _abduct(ops, args, consts, noise_start, depth, noise, x):
+    n, f = x.shape
+    slots = np.empty((f, BLOCK))
+    stack = np.empty((depth, BLOCK))
+    for start in range(0, n, BLOCK):
+        m = min(BLOCK, n - start)
+        for r in range(m):
+            slots[:, r] = x[start + r]
+        for j in range(f):
+            if noise_start[j + 1] > noise_start[j]:
+                run_program(ops, args, consts, noise_start[j], noise_start[j + 1], slots, stack, m)
+                noise[start : start + m, j] = stack[0, :m]
