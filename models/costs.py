@@ -22,6 +22,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import numpy.typing as npt
 
@@ -117,21 +118,21 @@ class CostProfile:
         constraints: ConstraintArrays,
     ) -> FloatArray:
         """Cost of one action per person: row i of every array is person i."""
-        columns = self._columns(names)
-        acted = intervene[:, columns]
-        delta = np.where(acted, values[:, columns] - x_factual[:, columns], 0.0)
-        # In place on this call's own arrays, in the order of the formula (same bits):
-        # weight / scale * |delta| (l1), weight / (K scale^2 range) * delta^2 (carma), plus
-        # the sparsity and the soft limits' penalty.
-        per_feature = np.divide(constraints.weight, self._denominators)
-        per_feature *= np.abs(delta) if self.kind == "l1" else np.square(delta)
-        beyond = np.abs(delta)
-        beyond -= constraints.soft_limit
-        np.maximum(0.0, beyond, out=beyond)
-        beyond *= constraints.soft_penalty
-        per_feature += self.sparsity
-        per_feature += beyond
-        return np.where(acted, per_feature, 0.0).sum(axis=1)
+        total = np.empty(len(intervene))
+        _action_costs(
+            self._columns(names),
+            np.ascontiguousarray(intervene),
+            np.ascontiguousarray(values, dtype=float),
+            np.ascontiguousarray(x_factual, dtype=float),
+            constraints.weight,
+            self._denominators,
+            self.kind == "l1",
+            self.sparsity,
+            constraints.soft_limit,
+            constraints.soft_penalty,
+            total,
+        )
+        return total
 
     def _columns(self, names: tuple[str, ...]) -> npt.NDArray[np.intp]:
         """The columns of the actionable features among ``names`` (cached per ``names``)."""
@@ -153,3 +154,30 @@ class CostProfile:
             return scale
         ranges = np.array([self.range_in_sd[name] for name in self.actionable])
         return len(self.actionable) * scale**2 * ranges
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _action_costs(
+    columns, intervene, values, x, weight, denominators, l1, sparsity, soft_limit, soft_penalty,
+    total,
+):  # fmt: skip
+    """:meth:`CostProfile.costs` into ``total``, a row at a time: per acted feature,
+    weight / scale * |delta| (l1) or weight / (K scale^2 range) * delta^2 (carma), plus
+    the sparsity and the soft limit's penalty, summed in the order of the features."""
+    for r in range(len(total)):
+        row_total = 0.0
+        for k in range(len(columns)):
+            c = columns[k]
+            if not intervene[r, c]:
+                continue
+            delta = values[r, c] - x[r, c]
+            size = abs(delta)
+            per_feature = weight[r, k] / denominators[k]
+            per_feature *= size if l1 else delta * delta
+            beyond = size - soft_limit[r, k]
+            if beyond < 0.0:  # not max(): numpy's keeps a nan
+                beyond = 0.0
+            per_feature += sparsity
+            per_feature += beyond * soft_penalty[r, k]
+            row_total += per_feature
+        total[r] = row_total

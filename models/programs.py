@@ -38,13 +38,17 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 # Opcodes. SLOT pushes slots[arg], CONST pushes const; unary ones replace the top of the
-# stack, binary ones pop b and replace a (the value below) with ``a op b``.
+# stack, binary ones replace a (the top) with ``a op b``, where b is popped from the stack
+# above it (operand STACKED), or read from slots[arg] (IN_SLOT) or const (CONSTANT): a
+# slot or constant right operand is folded into its operation, which halves the count.
 SLOT, CONST = 0, 1
 NEG, ABS, INDICATOR, SIGMOID, EXP, LOG, LOG_ODDS, SIGNED_ROOT = 2, 3, 4, 5, 6, 7, 8, 9
 ADD, SUB, MUL, DIV, POW, MAX, MIN, REVERSED_SUB, REVERSED_DIV = 10, 11, 12, 13, 14, 15, 16, 17, 18
 # SIGNED_ROOT (abduction through ``**``): sign(v) * |v| ** const. LOG_ODDS undoes sigmoid.
 # REVERSED_SUB and REVERSED_DIV compute ``b - a`` and ``b / a`` (abduction, where the value
 # on the path sits below the other operand).
+
+STACKED, IN_SLOT, CONSTANT = 0, 1, 2
 
 _BINARY = {"+": ADD, "-": SUB, "*": MUL, "/": DIV, "**": POW}
 _CALLS = {"abs": ABS, "indicator": INDICATOR, "sigmoid": SIGMOID, "exp": EXP, "log": LOG}
@@ -73,6 +77,8 @@ class ModelProgram:
     """
 
     ops: IntArray
+    operands: IntArray
+    """Where a binary operation's right operand is (STACKED, IN_SLOT or CONSTANT)."""
     args: IntArray
     consts: FloatArray
     value_start: IntArray
@@ -98,6 +104,7 @@ class ModelProgram:
             noise_start.append(len(emitter.ops))
         return cls(
             np.array(emitter.ops, np.int64),
+            np.array(emitter.operands, np.int64),
             np.array(emitter.args, np.int64),
             np.array(emitter.consts, float),
             np.array(value_start, np.int64),
@@ -105,18 +112,24 @@ class ModelProgram:
             max(emitter.depth, 1),
         )
 
+    @property
+    def value_code(self) -> tuple[IntArray, IntArray, IntArray, FloatArray, IntArray]:
+        """What :func:`propagate_one` reads: the code and where each equation starts."""
+        return self.ops, self.operands, self.args, self.consts, self.value_start
+
     def propagate(
         self, x: FloatArray, intervene: BoolArray, values: FloatArray, noise: FloatArray
     ) -> None:
         """Fill ``x`` in place: each variable set by ``intervene`` takes ``values``, the
         others their equations from their parents in ``x`` and ``noise`` (all C-ordered,
         same shape)."""
-        _propagate(self.ops, self.args, self.consts, self.value_start, self.depth,
-                   x, intervene, values, noise)  # fmt: skip
+        _propagate(self.ops, self.operands, self.args, self.consts, self.value_start,
+                   self.depth, x, intervene, values, noise)  # fmt: skip
 
     def abduct(self, noise: FloatArray, x: FloatArray) -> None:
         """Fill ``noise`` where an equation is inverted (elsewhere it is left as given)."""
-        _abduct(self.ops, self.args, self.consts, self.noise_start, self.depth, noise, x)
+        _abduct(self.ops, self.operands, self.args, self.consts, self.noise_start, self.depth,
+                noise, x)  # fmt: skip
 
 
 class _Emitter:
@@ -124,6 +137,7 @@ class _Emitter:
 
     def __init__(self) -> None:
         self.ops: list[int] = []
+        self.operands: list[int] = []
         self.args: list[int] = []
         self.consts: list[float] = []
         self.depth = 0
@@ -131,6 +145,7 @@ class _Emitter:
 
     def _emit(self, op: int, *, arg: int = 0, const: float = 0.0, pushes: int = 0) -> None:
         self.ops.append(op)
+        self.operands.append(STACKED)
         self.args.append(arg)
         self.consts.append(const)
         self._height += pushes
@@ -153,6 +168,16 @@ class _Emitter:
             return
         self._emit(CONST, const=value, pushes=1)
 
+    def _binary(self, op: int, right_start: int) -> None:
+        """The binary ``op`` whose right operand's code starts at ``right_start``: folded
+        into it when that code is a single SLOT or CONST."""
+        if len(self.ops) - right_start == 1 and self.ops[-1] in (SLOT, CONST):
+            self.operands[-1] = IN_SLOT if self.ops[-1] == SLOT else CONSTANT
+            self.ops[-1] = op
+            self._height -= 1
+            return
+        self._emit(op, pushes=-1)
+
     def _tree(self, expr: Expr, slots: dict[str, int]) -> None:
         if isinstance(expr, Const):
             self._emit(CONST, const=expr.value, pushes=1)
@@ -165,15 +190,17 @@ class _Emitter:
             self._emit(NEG)
         elif isinstance(expr, BinOp):
             self._push(expr.left, slots)
+            right_start = len(self.ops)
             self._push(expr.right, slots)
-            self._emit(_BINARY[expr.op], pushes=-1)
+            self._binary(_BINARY[expr.op], right_start)
         else:
             assert isinstance(expr, Call)
             self._push(expr.args[0], slots)
             if expr.func in _PAIRWISE:
                 for arg in expr.args[1:]:  # folded pairwise from the left
+                    right_start = len(self.ops)
                     self._push(arg, slots)
-                    self._emit(_PAIRWISE[expr.func], pushes=-1)
+                    self._binary(_PAIRWISE[expr.func], right_start)
             else:
                 self._emit(_CALLS[expr.func])
 
@@ -194,8 +221,9 @@ class _Emitter:
                 if node.op == "**":  # the exponent is a constant, so the path is the base
                     self._emit(SIGNED_ROOT, const=1.0 / side.value)  # type: ignore[attr-defined]
                 else:
+                    right_start = len(self.ops)
                     self._push(side, slots)
-                    self._emit(_UNDO[node.op, in_left], pushes=-1)
+                    self._binary(_UNDO[node.op, in_left], right_start)
                 node = path
             else:
                 assert isinstance(node, Call)
@@ -228,7 +256,7 @@ BLOCK = 128
 
 
 @numba.njit(**_JIT)
-def run_program(ops, args, consts, begin, end, slots, stack, m):
+def run_program(ops, operands, args, consts, begin, end, slots, stack, m):
     """Rows ``begin:end`` of the program over the first ``m`` columns of ``slots`` (one row
     per slot); the values are left in ``stack[0, :m]``."""
     top = -1
@@ -242,9 +270,83 @@ def run_program(ops, args, consts, begin, end, slots, stack, m):
             stack[top, :m] = consts[i]
         elif op < ADD:
             _unary(op, stack[top, :m], consts[i])
-        else:
+        elif operands[i] == STACKED:
             top -= 1
             _binary(op, stack[top, :m], stack[top + 1, :m])
+        elif operands[i] == IN_SLOT:
+            _binary(op, stack[top, :m], slots[args[i], :m])
+        else:  # the stack has room above the top: the operand was pushed there unfolded
+            stack[top + 1, :m] = consts[i]
+            _binary(op, stack[top, :m], stack[top + 1, :m])
+
+
+@numba.njit(**_JIT)
+def run_scalar(ops, operands, args, consts, begin, end, slots, stack):
+    """:func:`run_program` for a single row: ``slots`` and ``stack`` are vectors. No loop
+    over rows per operation, which on one row costs more than the arithmetic."""
+    top = -1
+    for i in range(begin, end):
+        op = ops[i]
+        if op == SLOT:
+            top += 1
+            stack[top] = slots[args[i]]
+        elif op == CONST:
+            top += 1
+            stack[top] = consts[i]
+        elif op < ADD:
+            stack[top] = _unary_scalar(op, stack[top], consts[i])
+        else:
+            kind = operands[i]
+            if kind == STACKED:
+                top -= 1
+                b = stack[top + 1]
+            elif kind == IN_SLOT:
+                b = slots[args[i]]
+            else:
+                b = consts[i]
+            stack[top] = _binary_scalar(op, stack[top], b)
+    return stack[0]
+
+
+@numba.njit(inline="always", **_JIT)
+def _unary_scalar(op, v, const):
+    if op == NEG:
+        return -v
+    if op == ABS:
+        return abs(v)
+    if op == INDICATOR:
+        return 1.0 if v >= 0.0 else 0.0
+    if op == SIGMOID:
+        e = np.exp(-abs(v))
+        return (1.0 if v >= 0.0 else e) / (1.0 + e)
+    if op == EXP:
+        return np.exp(v)
+    if op == LOG:
+        return np.log(v)
+    if op == LOG_ODDS:
+        return np.log(v) - np.log1p(-v)
+    return np.sign(v) * np.abs(v) ** const  # SIGNED_ROOT
+
+
+@numba.njit(inline="always", **_JIT)
+def _binary_scalar(op, a, b):
+    if op == ADD:
+        return a + b
+    if op == SUB:
+        return a - b
+    if op == MUL:
+        return a * b
+    if op == DIV:
+        return a / b
+    if op == POW:
+        return a**b
+    if op == REVERSED_SUB:
+        return b - a
+    if op == REVERSED_DIV:
+        return b / a
+    if op == MAX:  # as in _binary
+        return a if a > b or a != a else b
+    return a if a < b or a != a else b
 
 
 @numba.njit(**_JIT)
@@ -302,16 +404,18 @@ def _binary(op, a, b):
     elif op == REVERSED_DIV:
         for r in range(len(a)):
             a[r] = b[r] / a[r]
-    elif op == MAX:  # nan propagates, as in numpy
+    # max and min as numpy's: nan propagates, and of equal values (0.0 and -0.0) the
+    # second is taken (Python's max and min take the first).
+    elif op == MAX:
         for r in range(len(a)):
-            a[r] = a[r] + b[r] if a[r] != a[r] or b[r] != b[r] else max(a[r], b[r])
+            a[r] = a[r] if a[r] > b[r] or a[r] != a[r] else b[r]
     else:  # MIN
         for r in range(len(a)):
-            a[r] = a[r] + b[r] if a[r] != a[r] or b[r] != b[r] else min(a[r], b[r])
+            a[r] = a[r] if a[r] < b[r] or a[r] != a[r] else b[r]
 
 
 @numba.njit(**_JIT)
-def _propagate(ops, args, consts, value_start, depth, x, intervene, values, noise):
+def _propagate(ops, operands, args, consts, value_start, depth, x, intervene, values, noise):
     n, f = x.shape
     slots = np.empty((2 * f, BLOCK))
     stack = np.empty((depth, BLOCK))
@@ -320,7 +424,8 @@ def _propagate(ops, args, consts, value_start, depth, x, intervene, values, nois
         for r in range(m):
             slots[f:, r] = noise[start + r]
         for j in range(f):
-            run_program(ops, args, consts, value_start[j], value_start[j + 1], slots, stack, m)
+            run_program(ops, operands, args, consts, value_start[j], value_start[j + 1], slots,
+                        stack, m)  # fmt: skip
             for r in range(m):
                 slots[j, r] = values[start + r, j] if intervene[start + r, j] else stack[0, r]
         for r in range(m):
@@ -328,7 +433,7 @@ def _propagate(ops, args, consts, value_start, depth, x, intervene, values, nois
 
 
 @numba.njit(**_JIT)
-def _abduct(ops, args, consts, noise_start, depth, noise, x):
+def _abduct(ops, operands, args, consts, noise_start, depth, noise, x):
     n, f = x.shape
     slots = np.empty((f, BLOCK))
     stack = np.empty((depth, BLOCK))
@@ -338,5 +443,20 @@ def _abduct(ops, args, consts, noise_start, depth, noise, x):
             slots[:, r] = x[start + r]
         for j in range(f):
             if noise_start[j + 1] > noise_start[j]:
-                run_program(ops, args, consts, noise_start[j], noise_start[j + 1], slots, stack, m)
+                run_program(ops, operands, args, consts, noise_start[j], noise_start[j + 1], slots,
+                            stack, m)  # fmt: skip
                 noise[start : start + m, j] = stack[0, :m]
+
+
+@numba.njit(**_JIT)
+def propagate_one(value_code, slots, stack, intervene, values):
+    """One row's counterfactual, in the first half of ``slots`` (its noise half given;
+    ``stack`` as in :func:`run_scalar`): the search kernels' evaluation. ``value_code``:
+    :attr:`ModelProgram.value_code`."""
+    ops, operands, args, consts, value_start = value_code
+    for j in range(len(value_start) - 1):
+        if intervene[j]:
+            slots[j] = values[j]
+        else:
+            slots[j] = run_scalar(ops, operands, args, consts, value_start[j],
+                                  value_start[j + 1], slots, stack)  # fmt: skip

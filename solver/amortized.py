@@ -1,18 +1,18 @@
 """Amortized recourse: the network proposes, a line search calibrates, everything is verified.
 
-For a batch of people (:meth:`AmortizedSolver.predict`, all numpy, no loop over people):
+For a batch of people (:meth:`AmortizedSolver.predict`, no Python loop over people):
 
 1. the network (:mod:`models.amortizer`) proposes, for each of the person's best action
    patterns, a mask and values that obey every hard constraint by construction;
 2. a line search scales each proposed change, ``x + t (proposal - x)`` clipped into the
    person's interval, to the smallest ``|t|`` (either direction) whose counterfactual the
    classifier accepts: the distilled values sit on the decision boundary, where half of
-   any regression's answers would fall short. Small batches bracket the first accepted
-   scale of each direction with one float32 evaluation of many scales; large ones, in
-   float32, start from the proposal and its reverse (``t = 1, -1``) and extend the secant
-   through ``t = 0`` and the rising side, with a grid only for the rows still
-   unbracketed. Regula falsi on the classifier's logit then narrows the bracket (exact in
-   one step on a linear piece of the logit along the line);
+   any regression's answers would fall short. Small batches search each line in compiled
+   code (:mod:`solver.line_search`: outwards over a few scales, then regula falsi);
+   large ones, vectorized in float32, start from the proposal and its reverse
+   (``t = 1, -1``) and extend the secant through ``t = 0`` and the rising side, with a
+   grid only for the rows still unbracketed. Regula falsi on the classifier's logit then
+   narrows the bracket (exact in one step on a linear piece of the logit along the line);
 3. each answer is re-simulated through the exact causal model and classifier (float64)
    and every hard constraint is re-checked (:func:`solver.verify.verify_actions`); the
    cheapest verified pattern is kept;
@@ -21,9 +21,8 @@ For a batch of people (:meth:`AmortizedSolver.predict`, all numpy, no loop over 
 
 Small batches, where a numpy call costs more than its rows, do steps 2 to 4 in as few
 calls as they can (:meth:`AmortizedSolver._with_corners`): the corners of every candidate
-changing two features are lines from the start, all lines share one grid evaluation, and
-the refinement's probes are evaluated by :func:`~solver.verify.verify_actions` itself, so
-the probe kept is verified already.
+changing two features are lines from the start, one compiled call searches all lines,
+and one call of :func:`~solver.verify.verify_actions` checks every line's answer.
 
 :meth:`AmortizedSolver.solve` then repairs every person whose answer failed: first with
 the exact MILP restricted to the predicted features (the other features locked), then
@@ -63,11 +62,11 @@ from models.amortizer import (
 )
 from models.classifiers import Classifier
 from models.costs import CostProfile
-from models.expressions import logit as logit_of
 from models.preferences import ConstraintArrays, PersonConstraints, parse_constraints
 from models.scm import StructuralCausalModel, VariableType
 from solver.engine import EngineOptions, RecourseSolver
 from solver.labels import package_version
+from solver.line_search import SECANT_AIM, SECANT_TOLERANCE, SearchModel, search_lines
 from solver.milp import SolveStatus
 from solver.result import RecourseResult, SolverInfo
 from solver.verify import verify_actions
@@ -82,13 +81,6 @@ def _by_size(scales: list[float]) -> FloatArray:
     return np.array(sorted(scales, key=lambda t: (abs(t), t < 0)), dtype=float)
 
 
-SMALL_SCALES = _by_size(
-    [0.5, 0.7, 0.85, 1, 1.15, 1.3, 1.6, 2, 2.5, 3.2, 4, 6, 8, 12, 20, 30, 60, 120, 250, 500]
-    + [-0.25, -0.5, -1, -1.5, -2, -3, -4, -6, -8, -16, -32, -64, -128, -256, -512]
-)
-"""Line search for small batches: every scale in one evaluation (rows are cheap there).
-The far ones serve the lines along which the network's change is much too small, most
-of them corners (a feature alone doing the work of two)."""
 GRID_REACH = 30.0
 LARGE_STAGES = (
     _by_size([0.9, 1.15, 1.6, 2.2, GRID_REACH, -0.5, -1.2, -32]),
@@ -103,22 +95,11 @@ EXTRAPOLATIONS = 3
 EXTRAPOLATION_LIMIT = 32.0
 """Large batches: the largest scale reached by extending the secant; rows needing more
 go to the grid, which also looks the other way."""
-SMALL_ROWS = 4096
-"""Batches with at most this many rows of the small-batch schedule use it."""
+SMALL_BATCH = 29
+"""Batches of at most this many people take the small-batch path (the compiled search,
+every candidate's corners from the start); larger ones the vectorized float32 search."""
 SECANT_ROUNDS = 6
 """Most refinements of a bracket by the secant of its logits (regula falsi)."""
-SECANT_AIM = 5e-4
-"""Relative step past the secant's root, so that a linear piece lands on the accepted side."""
-SECANT_TOLERANCE = 2e-3
-"""A bracket is final once the next step would shrink the accepted scale by less than this."""
-SMALL_PROBES = np.concatenate([np.arange(-10, 11) * 0.9, [-50, -20, 20, 50]]) * SECANT_TOLERANCE
-"""Small batches, where rows are cheap and calls are not: each refinement tries the
-secant's root (stepped by :data:`SECANT_AIM`) times 1 plus each of these at once, so that
-one round usually leaves a bracket narrower than the tolerance."""
-SMALL_PROBE_FACTORS = 1 + SMALL_PROBES
-BRACKET_SHARES = np.arange(1, 32) / 32
-"""Small batches, after a first round: probes spread evenly over each bracket too, against
-steps of the logit (integer features rounding), where the secant's root stalls."""
 CANDIDATE_PATTERNS = 4
 """Action patterns tried at once, best first; the cheapest verified answer is kept."""
 OTHER_PATTERN_CHANCE = 0.01
@@ -209,6 +190,7 @@ class AmortizedSolver:
         self.margin = EngineOptions().margin
         self.columns = spec.actionable_columns
         self._fast_classifier = _folded_float32(classifier)
+        self._search_model = SearchModel.of(scm, classifier, self.margin)
         self._ancestor = _actionable_ancestors(scm)
         self._ancestor_of = self._ancestor.T.astype(float)  # [a, k]: a is an ancestor of k
 
@@ -229,7 +211,7 @@ class AmortizedSolver:
         n = len(x)
         noise = self.scm.abduct_noise(x)
         scores = self.amortizer.scores(x, constraints)  # one network pass for every rank
-        small = n * CANDIDATE_PATTERNS * len(SMALL_SCALES) <= SMALL_ROWS
+        small = n <= SMALL_BATCH
         # The best pattern for everyone; the next ones only where the network gives them a
         # chance: where it is sure, they are rarely cheaper and cost most of the time.
         ranked, chances = _top_patterns(scores.logits, MAX_PATTERNS)
@@ -552,83 +534,29 @@ class AmortizedSolver:
         person: npt.NDArray[np.int64],
         proposed: BoolArray,
     ) -> tuple[AmortizedBatch, npt.NDArray[np.int64], FloatArray]:
-        """Small batches, where a numpy call costs more than its rows: verified answers
-        along every line, each one's line and its cost where it counts (else inf). Answer
-        i < lines is line i's anchor, the one to keep where none counts. Line i belongs to
-        row ``person[i]`` of ``constraints``.
-
-        Every scale of :data:`SMALL_SCALES` and 0 in one evaluation brackets the first
-        accepted scale of each direction (between it and the next smaller one, or 0), with
-        the float32 classifier: its margin keeps its accepted scales accepted by the exact
-        one. The direction whose secant root is nearer 0 is refined, each round trying the
-        secant's root times 1 plus each of :data:`SMALL_PROBES`, which usually leaves a
-        bracket narrower than the tolerance on both sides at once (later rounds also
-        spread :data:`BRACKET_SHARES` over the bracket). The probes are
-        evaluated by the verification itself (exact model and classifier, float64): the
-        logit it implies moves the brackets, and a probe that passes it with the line
-        search's margin is an answer, so no call re-checks the chosen one. The first round
-        also verifies each line's accepted grid scale or, where none, its proposal
-        (``proposed``; t = 1) or nothing: such a line answers only if that passes.
-        """
-        grid = SMALL_GRID
-        n = len(line.x)
-        every = np.arange(n)
-        rows = np.arange(n * len(grid.scales)) % n
-        gaps = self._gaps(line, rows, np.repeat(grid.scales, n))
-        gaps = gaps.reshape(len(grid.scales), n)
-        # Per direction (rows) and line (columns): the first accepted scale and the one before.
-        first = np.argmax(gaps[grid.columns] >= 0, axis=1)
-        hi_column, lo_column = grid.columns[_DIRECTIONS, first], grid.before[_DIRECTIONS, first]
-        hi, lo = grid.sizes[hi_column], grid.sizes[lo_column]
-        hi_gap, lo_gap = gaps[hi_column, every], gaps[lo_column, every]
-        root = np.where(hi_gap >= 0, _secant_root(lo, lo_gap, hi, hi_gap), np.inf)
-        reverse = (root[1] < root[0]).astype(np.intp)
-        lo, lo_gap, hi, hi_gap = np.array([lo, lo_gap, hi, hi_gap])[:, reverse, every]
-        found = hi_gap >= 0
-        sign = 1.0 - 2.0 * reverse
-        threshold = self.classifier.logit_threshold + self.margin
-        rows, t = every, np.where(found, sign * hi, np.where(proposed, 1.0, 0.0))
-        answers, answer_rows, answer_ok = [], [], []
-        for _ in range(SECANT_ROUNDS):
-            aim = _secant_root(lo, lo_gap, hi, hi_gap) * (1 + SECANT_AIM)
-            moving = np.flatnonzero(found & (aim < hi * (1 - SECANT_TOLERANCE)))
-            if moving.size:
-                u = aim[moving, None] * SMALL_PROBE_FACTORS
-                if answers:  # the secant alone was not enough: also cover the bracket evenly
-                    spread = lo[moving, None] + (hi - lo)[moving, None] * BRACKET_SHARES
-                    u = np.concatenate([u, spread], axis=1)
-                u = np.minimum(np.maximum(u, lo[moving, None]), hi[moving, None])
-                rows = np.concatenate([rows, np.repeat(moving, u.shape[1])])
-                t = np.concatenate([t, (sign[moving, None] * u).ravel()])
-            probes = u.size if moving.size else 0
-            if answers and not rows.size:
-                break
-            checked = self._verified_at(line, constraints.take(person[rows]), rows, t)
-            gap = np.asarray(logit_of(checked.probability)) - threshold
-            ok = checked.verified.copy()
-            ok[len(rows) - probes :] &= gap[len(rows) - probes :] >= 0
-            ok[: len(rows) - probes] &= (found | proposed)[rows[: len(rows) - probes]]
-            answers.append(checked)
-            answer_rows.append(rows)
-            answer_ok.append(ok)
-            if not moving.size:
-                break
-            gap = gap[len(rows) - probes :].reshape(u.shape)
-            rows, t = rows[:0], t[:0]
-            # The tightest bracket: the smallest accepted probe, the largest rejected below.
-            probe = np.arange(len(moving))
-            accepted = np.where(gap >= 0, u, np.inf)
-            first_ok = np.argmin(accepted, axis=1)
-            hi_moves = np.isfinite(accepted[probe, first_ok])
-            hi_gap[moving] = np.where(hi_moves, gap[probe, first_ok], hi_gap[moving])
-            hi[moving] = new_hi = np.where(hi_moves, u[probe, first_ok], hi[moving])
-            below = np.where((gap < 0) & (u < new_hi[:, None]), u, -np.inf)
-            last_no = np.argmax(below, axis=1)
-            lo_moves = below[probe, last_no] > lo[moving]
-            lo_gap[moving] = np.where(lo_moves, gap[probe, last_no], lo_gap[moving])
-            lo[moving] = np.where(lo_moves, u[probe, last_no], lo[moving])
-        checked = answers[0] if len(answers) == 1 else AmortizedBatch.concatenate(answers)
-        rows, ok = np.concatenate(answer_rows), np.concatenate(answer_ok)
+        """Verified answers along every line, each one's line, and its cost where it counts
+        (else inf). Line i belongs to row ``person[i]`` of ``constraints``. The compiled
+        search (:func:`~solver.line_search.search_lines`) gives each line's smallest
+        accepted scale; a line with none is verified as proposed (``proposed``; t = 1) or
+        unchanged, and answers only if that passes."""
+        spec = self.amortizer.spec
+        t = search_lines(
+            self._search_model,
+            self.columns,
+            spec.integer,
+            line.x,
+            line.noise,
+            line.intervene,
+            line.start,
+            line.step,
+            line.lower,
+            line.upper,
+        )
+        found = ~np.isnan(t)
+        t = np.where(found, t, np.where(proposed, 1.0, 0.0))
+        rows = np.arange(len(t))
+        checked = self._verified_at(line, constraints.take(person), rows, t)
+        ok = checked.verified & (found | proposed)
         return checked, rows, np.where(ok, checked.cost, np.inf)
 
     def _verified_at(
@@ -866,30 +794,6 @@ def check_compatible(
             f"This amortizer's features {list(spec.feature_names)} (actionable "
             f"{list(spec.actionable)}) are not the causal model's."
         )
-
-
-class _SmallGrid(NamedTuple):
-    """The small batches' grid: 0, then :data:`SMALL_SCALES`, and per direction (+, -)
-    the columns of its scales by size, the last repeated to a common width (the first
-    accepted is never a repeat), and of the next smaller scale of each (0 for the first)."""
-
-    scales: FloatArray
-    sizes: FloatArray
-    columns: npt.NDArray[np.intp]
-    before: npt.NDArray[np.intp]
-
-    @classmethod
-    def of(cls, scales: FloatArray) -> _SmallGrid:
-        grid = np.concatenate([[0.0], scales])
-        sides = [np.flatnonzero(np.sign(grid) == sign) for sign in (1.0, -1.0)]
-        width = max(map(len, sides))
-        columns = np.array([np.pad(side, (0, width - len(side)), mode="edge") for side in sides])
-        before = np.concatenate([np.zeros((2, 1), dtype=np.intp), columns[:, :-1]], axis=1)
-        return cls(grid, np.abs(grid), columns, before)
-
-
-SMALL_GRID = _SmallGrid.of(SMALL_SCALES)
-_DIRECTIONS = np.arange(2)[:, None]
 
 
 def _cheapest(group: npt.NDArray[np.int64], cost: FloatArray, groups: int) -> npt.NDArray[np.int64]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from models.classifiers import Classifier, row_blocks
@@ -173,19 +174,40 @@ def hard_constraints_hold(
     """Per row: the action sets only actionable, unlocked features, inside each person's
     interval (bounds and direction), to whole numbers where required, and changes at most
     the allowed number of features. The classifier is not consulted."""
-    ok = ~intervene[:, scm.not_actionable_columns].any(axis=1)
-    columns = scm.actionable_columns
-    acted, set_to = intervene[:, columns], values[:, columns]
-    ok &= acted.sum(axis=1) <= constraints.max_changes
-    tol = np.abs(set_to)  # _TOLERANCE * (1 + |set_to|), in place
-    tol += 1.0
-    tol *= _TOLERANCE
-    allowed = set_to >= constraints.lower - tol
-    allowed &= set_to <= constraints.upper + tol
-    whole = scm.whole_actionable
-    if len(whole):
-        integral = set_to[:, whole]
-        allowed[:, whole] &= integral == np.round(integral)
-    allowed &= ~constraints.locked
-    ok &= ~(acted & ~allowed).any(axis=1)
+    ok = np.empty(len(intervene), dtype=bool)
+    _hard_constraints(
+        scm.not_actionable_columns,
+        scm.actionable_columns,
+        scm.whole_actionable,
+        np.ascontiguousarray(intervene),
+        np.ascontiguousarray(values, dtype=float),
+        constraints.locked,
+        constraints.lower,
+        constraints.upper,
+        constraints.max_changes,
+        ok,
+    )
     return ok
+
+
+@numba.njit(nogil=True, cache=True)
+def _hard_constraints(
+    fixed, columns, whole, intervene, values, locked, lower, upper, max_changes, ok
+):  # fmt: skip
+    """:func:`hard_constraints_hold` into ``ok``, a row at a time."""
+    integral = np.zeros(len(columns), dtype=np.bool_)
+    integral[whole] = True
+    for r in range(len(ok)):
+        holds = True
+        for c in fixed:
+            holds &= not intervene[r, c]
+        acted = 0
+        for k in range(len(columns)):
+            if not intervene[r, columns[k]]:
+                continue
+            acted += 1
+            v = values[r, columns[k]]
+            tol = (abs(v) + 1.0) * _TOLERANCE
+            holds &= not locked[r, k] and lower[r, k] - tol <= v <= upper[r, k] + tol
+            holds &= not integral[k] or v == np.round(v)
+        ok[r] = holds and acted <= max_changes[r]
