@@ -95,9 +95,10 @@ EXTRAPOLATIONS = 3
 EXTRAPOLATION_LIMIT = 32.0
 """Large batches: the largest scale reached by extending the secant; rows needing more
 go to the grid, which also looks the other way."""
-SMALL_BATCH = 29
+SMALL_BATCH = 48
 """Batches of at most this many people take the small-batch path (the compiled search,
-every candidate's corners from the start); larger ones the vectorized float32 search."""
+every candidate's corners from the start); larger ones the vectorized float32 search.
+The two cost the same per person at 50-60 people on Loan and GSMC."""
 SECANT_ROUNDS = 6
 """Most refinements of a bracket by the secant of its logits (regula falsi)."""
 CANDIDATE_PATTERNS = 4
