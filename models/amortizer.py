@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numba
 import numpy as np
 import numpy.typing as npt
 
@@ -77,11 +78,11 @@ def pattern_index(patterns: IntArray, holdable: BoolArray) -> IntArray:
 
 
 class PatternTables(NamedTuple):
-    """What :func:`allowed_patterns` needs of a catalogue, worked out once."""
+    """What :func:`allowed_patterns` needs of a catalogue, worked out once: per pattern,
+    bit ``k`` set where it acts on (or holds) actionable feature ``k``."""
 
-    acting: npt.NDArray[np.float64]
-    """(K, patterns) 1 where the pattern acts on the feature."""
-    holding: npt.NDArray[np.float64]
+    acting: IntArray
+    holding: IntArray
     size: IntArray
     """Per pattern, the features acted on; too many for anyone where it changes nothing."""
 
@@ -90,7 +91,8 @@ class PatternTables(NamedTuple):
         acting = catalogue != NOT_ACTED
         changes = (catalogue == CHANGE).any(axis=1)
         size = np.where(changes, acting.sum(axis=1), np.iinfo(np.int64).max)
-        return cls(acting.T.astype(float), (catalogue == HOLD).T.astype(float), size)
+        bits = 1 << np.arange(catalogue.shape[1], dtype=np.int64)
+        return cls(acting @ bits, (catalogue == HOLD) @ bits, size)
 
 
 def allowed_patterns(
@@ -103,12 +105,143 @@ def allowed_patterns(
     where its current value is allowed, change at least one, and act on few enough.
     ``tables``: the catalogue's, if already made."""
     tables = tables if tables is not None else PatternTables.of(catalogue)
-    hold_ok = (arrays.lower <= x_actionable) & (x_actionable <= arrays.upper)
-    # One product for both: a locked feature acted on, or one held out of its interval.
-    barred = np.dot(arrays.locked, tables.acting) + np.dot(~hold_ok, tables.holding)
-    allowed = barred == 0
-    allowed &= tables.size <= arrays.max_changes[:, None]
+    allowed = np.empty((len(x_actionable), len(catalogue)), dtype=bool)
+    _allowed_rows(
+        x_actionable,
+        np.arange(x_actionable.shape[1]),
+        arrays.locked,
+        arrays.lower,
+        arrays.upper,
+        arrays.max_changes,
+        tables.acting,
+        tables.holding,
+        tables.size,
+        allowed,
+    )
     return allowed
+
+
+# -- jitted kernels ----------------------------------------------------------------------
+# At batch size 1, the fixed cost of a numpy call (about a microsecond) is nearly all the
+# time, and a step takes dozens of them; each loop below does one step in one call. They
+# follow the numpy expressions they replace operation by operation in IEEE arithmetic (no
+# fastmath, so no fused multiply-adds): the results have the same bits. The network's
+# matrix products stay with numpy's BLAS, whose bits these must not change either.
+
+_JIT = {"nogil": True, "cache": True, "error_model": "numpy"}
+
+
+@numba.njit(**_JIT)
+def _barred_bits(x, i, columns, locked, lower, upper):
+    """Row ``i``'s bit masks over the actionable features (column ``columns[k]`` of ``x``):
+    locked; current value outside its interval (or nan), so that holding it is barred."""
+    locked_bits = 0
+    outside_bits = 0
+    for k in range(len(columns)):
+        value = x[i, columns[k]]
+        if locked[i, k]:
+            locked_bits |= 1 << k
+        if not (lower[i, k] <= value and value <= upper[i, k]):
+            outside_bits |= 1 << k
+    return locked_bits, outside_bits
+
+
+@numba.njit(**_JIT)
+def _allowed(p, locked_bits, outside_bits, max_changes, acting, holding, size):
+    return (
+        (acting[p] & locked_bits) == 0
+        and (holding[p] & outside_bits) == 0
+        and size[p] <= max_changes
+    )
+
+
+@numba.njit(**_JIT)
+def _allowed_rows(x, columns, locked, lower, upper, max_changes, acting, holding, size, out):
+    for i in range(out.shape[0]):
+        locked_bits, outside_bits = _barred_bits(x, i, columns, locked, lower, upper)
+        for p in range(out.shape[1]):
+            out[i, p] = _allowed(
+                p, locked_bits, outside_bits, max_changes[i], acting, holding, size
+            )
+
+
+@numba.njit(**_JIT)
+def _add_bias(a, bias, rectify):
+    """``a += bias``, then (if ``rectify``) np.maximum(a, 0, out=a): -0.0 becomes 0.0,
+    nan is kept. The sums are in ``a``'s precision, as numpy's are."""
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            value = a[i, j] + bias[j]
+            a[i, j] = 0.0 if rectify and value <= 0.0 else value
+
+
+@numba.njit(**_JIT)
+def _standardized_rows(x, mean, scale, out):
+    """``(x - mean) / scale`` into the first columns of ``out``."""
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[i, j] = (x[i, j] - mean[j]) / scale[j]
+
+
+@numba.njit(**_JIT)
+def _clipped_room(room):
+    """np.clip(room, 0, ROOM_CLIP): -0.0 and nan kept."""
+    if room < 0.0:
+        return 0.0
+    if room > ROOM_CLIP:
+        return ROOM_CLIP
+    return room
+
+
+@numba.njit(**_JIT)
+def _clipped_soft(value):
+    """np.minimum(np.maximum(value, 0), ROOM_CLIP): -0.0 becomes 0.0, nan is kept."""
+    if value <= 0.0:
+        return 0.0
+    if value > ROOM_CLIP:
+        return ROOM_CLIP
+    return value
+
+
+@numba.njit(**_JIT)
+def _encoded_rows(
+    x, mean, scale, columns, sd, locked, lower, upper, log_weight, limit, penalty, most, out
+):
+    """The inputs with constraints (the module docstring) into ``out``."""
+    _standardized_rows(x, mean, scale, out)
+    f, k = x.shape[1], len(columns)
+    for i in range(x.shape[0]):
+        for j in range(k):
+            value = x[i, columns[j]]
+            down = _clipped_room((value - lower[i, j]) / sd[j])
+            up = _clipped_room((upper[i, j] - value) / sd[j])
+            free = 0.0 if locked[i, j] else 1.0  # no room when locked: a product, as in numpy
+            has_soft = math.isfinite(limit[i, j])
+            out[i, f + j] = 0.0 if free else 1.0
+            out[i, f + k + j] = down * free
+            out[i, f + 2 * k + j] = up * free
+            out[i, f + 3 * k + j] = log_weight[i, j]
+            out[i, f + 4 * k + j] = 1.0 if has_soft else 0.0
+            out[i, f + 5 * k + j] = _clipped_soft(limit[i, j] / sd[j]) if has_soft else 0.0
+            out[i, f + 6 * k + j] = _clipped_soft(penalty[i, j] * sd[j])
+        out[i, f + 7 * k] = most[i] / k
+
+
+@numba.njit(**_JIT)
+def _scored_rows(
+    outputs, x, columns, sd, locked, lower, upper, most, acting, holding, size, logits, changed
+):
+    """Logits of allowed patterns (-inf elsewhere) and ``current + change * sd``."""
+    num_patterns = logits.shape[1]
+    for i in range(x.shape[0]):
+        locked_bits, outside_bits = _barred_bits(x, i, columns, locked, lower, upper)
+        for p in range(num_patterns):
+            if _allowed(p, locked_bits, outside_bits, most[i], acting, holding, size):
+                logits[i, p] = outputs[i, p]
+            else:
+                logits[i, p] = -np.inf
+        for k in range(len(columns)):
+            changed[i, k] = x[i, columns[k]] + outputs[i, num_patterns + k] * sd[k]
 
 
 # -- the model ---------------------------------------------------------------------------
@@ -230,11 +363,15 @@ class Network:
     layers: tuple[tuple[FloatArray, FloatArray], ...]
 
     def forward(self, inputs: FloatArray) -> FloatArray:
+        # np.dot: the same BLAS calls and bits as ``@``, with less overhead per call.
         a = inputs
         for weights, bias in self.layers[:-1]:
-            a = np.maximum(a @ weights + bias, 0.0)
+            a = np.dot(a, weights)
+            _add_bias(a, bias, True)
         weights, bias = self.layers[-1]
-        return a @ weights + bias
+        outputs = np.dot(a, weights)
+        _add_bias(outputs, bias, False)
+        return outputs
 
     def astype(self, dtype: type) -> Network:
         return Network(tuple((w.astype(dtype), b.astype(dtype)) for w, b in self.layers))
@@ -255,13 +392,25 @@ class Amortizer:
 
     def scores(self, x: FloatArray, arrays: ConstraintArrays) -> PatternScores:
         """The network's pass over ``x``: logits of allowed patterns and proposed changes."""
-        spec = self.spec
-        current = x[:, spec.actionable_columns]
-        outputs = self.fast.forward(encode_inputs(spec, x, arrays).astype(np.float32))
-        catalogue = spec.catalogue
-        allowed = allowed_patterns(arrays, current, catalogue, spec.pattern_tables)
-        logits = np.where(allowed, outputs[:, : len(catalogue)], -np.inf)
-        changed = current + outputs[:, len(catalogue) :] * spec.actionable_scale
+        spec, tables = self.spec, self.spec.pattern_tables
+        outputs = self.fast.forward(encode_inputs(spec, x, arrays, np.float32))
+        logits = np.empty((len(x), len(spec.catalogue)), dtype=np.float32)
+        changed = np.empty((len(x), len(spec.actionable)))
+        _scored_rows(
+            outputs,
+            x,
+            spec.actionable_columns,
+            spec.actionable_scale,
+            arrays.locked,
+            arrays.lower,
+            arrays.upper,
+            arrays.max_changes,
+            tables.acting,
+            tables.holding,
+            tables.size,
+            logits,
+            changed,
+        )
         return PatternScores(logits, changed)
 
     def propose(
@@ -341,31 +490,32 @@ def project_values(
     return values
 
 
-def encode_inputs(spec: AmortizerSpec, x: FloatArray, arrays: ConstraintArrays) -> FloatArray:
-    """The network's input rows (see the module docstring)."""
-    if not spec.constraint_inputs:
-        return (x - spec.mean) / spec.scale
-    # Written into one array, block by block: on a few rows the calls are what costs.
+def encode_inputs(
+    spec: AmortizerSpec, x: FloatArray, arrays: ConstraintArrays, dtype: npt.DTypeLike = np.float64
+) -> FloatArray:
+    """The network's input rows (see the module docstring), computed in float64 and
+    stored as ``dtype``."""
     n, f, k = len(x), len(spec.feature_names), len(spec.actionable)
-    inputs = np.empty((n, f + 7 * k + 1))
-    np.divide(x - spec.mean, spec.scale, out=inputs[:, :f])
-    blocks = inputs[:, f : f + 7 * k].reshape(n, 7, k)
-    xs, sd = x[:, spec.actionable_columns], spec.actionable_scale
-    room = blocks[:, 1:3]  # down, then up, clipped below by 0 and above by ROOM_CLIP
-    np.subtract(xs, arrays.lower, out=room[:, 0])
-    np.subtract(arrays.upper, xs, out=room[:, 1])
-    room /= sd
-    np.clip(room, 0.0, ROOM_CLIP, out=room)
-    room *= ~arrays.locked[:, None]
-    blocks[:, 0] = arrays.locked
-    np.log(arrays.weight, out=blocks[:, 3])
-    has_soft = np.isfinite(arrays.soft_limit)
-    blocks[:, 4] = has_soft
-    blocks[:, 5] = np.where(
-        has_soft, np.minimum(np.maximum(arrays.soft_limit / sd, 0.0), ROOM_CLIP), 0.0
+    if not spec.constraint_inputs:
+        inputs = np.empty((n, f), dtype=dtype)
+        _standardized_rows(x, spec.mean, spec.scale, inputs)
+        return inputs
+    inputs = np.empty((n, f + 7 * k + 1), dtype=dtype)
+    _encoded_rows(
+        x,
+        spec.mean,
+        spec.scale,
+        spec.actionable_columns,
+        spec.actionable_scale,
+        arrays.locked,
+        arrays.lower,
+        arrays.upper,
+        np.log(arrays.weight),  # numpy's log, whose last bits libm's need not match
+        arrays.soft_limit,
+        arrays.soft_penalty,
+        arrays.max_changes,
+        inputs,
     )
-    blocks[:, 6] = np.minimum(np.maximum(arrays.soft_penalty * sd, 0.0), ROOM_CLIP)
-    inputs[:, -1] = arrays.max_changes / k
     return inputs
 
 

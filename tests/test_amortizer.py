@@ -18,11 +18,19 @@ from click.testing import CliRunner, Result
 
 from instances import load_classifier, load_scm
 from models.amortizer import (
+    CHANGE,
+    HOLD,
+    NOT_ACTED,
+    ROOM_CLIP,
     Amortizer,
     AmortizerFileError,
+    AmortizerSpec,
     Hyperparameters,
     Network,
+    PatternScores,
     TrainingTargets,
+    allowed_patterns,
+    encode_inputs,
     load_amortizer,
     pattern_catalogue,
     pattern_index,
@@ -114,17 +122,14 @@ def assert_hard_constraints(scm, x, people, intervene, values) -> None:
                 assert value == round(value)
 
 
-# -- hard constraints by construction ---------------------------------------------------
-
-
-@pytest.mark.parametrize(("dataset", "kind"), [("loan", "lr"), ("gsmc", "lr")])
-@pytest.mark.parametrize("network_seed", [0, 1, 2])
-def test_random_networks_never_break_a_hard_constraint(
-    trained: Amortizer, dataset: str, kind: str, network_seed: int
-) -> None:
-    scm, clf, x, people = people_and_constraints(dataset, kind, 1000, network_seed)
-    spec = trained.spec
-    if dataset != "loan":  # the same architecture over GSMC's features
+def random_amortizer(
+    loan_spec: AmortizerSpec, dataset: str, kind: str, seed: int, *, constraint_inputs: bool = True
+) -> Amortizer:
+    """A random network with one hidden layer on Loan's spec, or the same architecture over
+    another dataset's features."""
+    spec = dataclasses.replace(loan_spec, constraint_inputs=constraint_inputs)
+    scm, clf = load_scm(dataset), load_classifier(dataset, kind)
+    if dataset != "loan":
         columns = [scm.index[n] for n in scm.actionable]
         spec = dataclasses.replace(
             spec,
@@ -139,12 +144,25 @@ def test_random_networks_never_break_a_hard_constraint(
                 [scm.variables[j].type is not VariableType.CONTINUOUS for j in columns]
             ),
         )
-    inputs = len(scm.names) + 7 * len(scm.actionable) + 1
+    inputs = len(scm.names) + (7 * len(scm.actionable) + 1 if constraint_inputs else 0)
     outputs = len(spec.catalogue) + len(spec.actionable)
-    rng = np.random.default_rng(network_seed)
+    rng = np.random.default_rng(seed)
     layers = ((rng.normal(0, 3, (inputs, 16)), rng.normal(0, 3, 16)),)
     layers += ((rng.normal(0, 3, (16, outputs)), rng.normal(0, 3, outputs)),)
-    amortizer = Amortizer(spec, Network(layers))
+    return Amortizer(spec, Network(layers))
+
+
+# -- hard constraints by construction ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("dataset", "kind"), [("loan", "lr"), ("gsmc", "lr")])
+@pytest.mark.parametrize("network_seed", [0, 1, 2])
+def test_random_networks_never_break_a_hard_constraint(
+    trained: Amortizer, dataset: str, kind: str, network_seed: int
+) -> None:
+    scm, clf, x, people = people_and_constraints(dataset, kind, 1000, network_seed)
+    amortizer = random_amortizer(trained.spec, dataset, kind, network_seed)
+    spec = amortizer.spec
     arrays = ConstraintArrays.from_constraints(scm, x, people)
     # The network's own proposal, every fallback rank, and the final line-searched answer.
     for rank in range(3):
@@ -163,6 +181,121 @@ def test_random_networks_never_break_a_hard_constraint(
         chosen = [people[i] for i in rows]
         assert_hard_constraints(scm, x[rows], chosen, small.intervene, small.values)
     assert solver.predict(x[:0], arrays.take(np.arange(0))).verified.shape == (0,)
+
+
+# -- the network pass ------------------------------------------------------------------
+
+
+def reference_inputs(spec: AmortizerSpec, x: np.ndarray, arrays: ConstraintArrays) -> np.ndarray:
+    """The inputs of the module docstring, plainly in numpy."""
+    standardized = (x - spec.mean) / spec.scale
+    if not spec.constraint_inputs:
+        return standardized
+    current, sd = x[:, spec.actionable_columns], spec.actionable_scale
+    free = ~arrays.locked
+    down = np.clip((current - arrays.lower) / sd, 0.0, ROOM_CLIP) * free
+    up = np.clip((arrays.upper - current) / sd, 0.0, ROOM_CLIP) * free
+    has_soft = np.isfinite(arrays.soft_limit)
+    limit = np.minimum(np.maximum(arrays.soft_limit / sd, 0.0), ROOM_CLIP)
+    penalty = np.minimum(np.maximum(arrays.soft_penalty * sd, 0.0), ROOM_CLIP)
+    blocks = [arrays.locked, down, up, np.log(arrays.weight), has_soft]
+    blocks += [np.where(has_soft, limit, 0.0), penalty]
+    most = arrays.max_changes[:, None] / len(spec.actionable)
+    return np.hstack([standardized, *blocks, most])
+
+
+def reference_allowed(spec: AmortizerSpec, current: np.ndarray, arrays: ConstraintArrays):
+    """Pattern by pattern, person by person, the rules of the module docstring."""
+    allowed = np.zeros((len(current), len(spec.catalogue)), dtype=bool)
+    for i in range(len(current)):
+        inside = (arrays.lower[i] <= current[i]) & (current[i] <= arrays.upper[i])
+        for p, pattern in enumerate(spec.catalogue):
+            acted = pattern != NOT_ACTED
+            allowed[i, p] = (
+                (pattern == CHANGE).any()
+                and not (acted & arrays.locked[i]).any()
+                and inside[pattern == HOLD].all()
+                and acted.sum() <= arrays.max_changes[i]
+            )
+    return allowed
+
+
+def reference_scores(amortizer: Amortizer, x: np.ndarray, arrays: ConstraintArrays):
+    """:meth:`Amortizer.scores` plainly: the float64 inputs rounded once to float32, the
+    float32 network with ``@``, -inf for barred patterns, changes in the features' units."""
+    spec = amortizer.spec
+    a = reference_inputs(spec, x, arrays).astype(np.float32)
+    for weights, bias in amortizer.fast.layers[:-1]:
+        a = np.maximum(a @ weights + bias, 0.0)
+    weights, bias = amortizer.fast.layers[-1]
+    outputs = a @ weights + bias
+    current, num_patterns = x[:, spec.actionable_columns], len(spec.catalogue)
+    allowed = reference_allowed(spec, current, arrays)
+    logits = np.where(allowed, outputs[:, :num_patterns], -np.inf)
+    return PatternScores(logits, current + outputs[:, num_patterns:] * spec.actionable_scale)
+
+
+def with_edge_cases(current: np.ndarray, arrays: ConstraintArrays, seed: int) -> ConstraintArrays:
+    """Unbounded intervals, current values on their ends or outside them, empty intervals,
+    more locks, soft limits of 0 and -0, and every number of changes allowed."""
+    rng = np.random.default_rng(seed)
+    n, k = arrays.locked.shape
+    lower, upper = arrays.lower.copy(), arrays.upper.copy()
+    soft_limit = arrays.soft_limit.copy()
+    cells = rng.random((n, k))
+
+    def where(start: float, stop: float) -> np.ndarray:
+        return (start <= cells) & (cells < stop)
+
+    lower[where(0.0, 0.1)], upper[where(0.9, 1.0)] = -np.inf, np.inf
+    lower[where(0.1, 0.15)] = current[where(0.1, 0.15)]
+    upper[where(0.15, 0.2)] = current[where(0.15, 0.2)]
+    lower[where(0.2, 0.25)] = current[where(0.2, 0.25)] + 1.0
+    upper[where(0.2, 0.25)] = current[where(0.2, 0.25)] + 2.0
+    upper[where(0.25, 0.3)] = lower[where(0.25, 0.3)] - 1.0
+    soft_limit[where(0.3, 0.35)], soft_limit[where(0.35, 0.4)] = 0.0, -0.0
+    return dataclasses.replace(
+        arrays,
+        lower=lower,
+        upper=upper,
+        locked=arrays.locked | (lower > upper) | where(0.4, 0.45),
+        soft_limit=soft_limit,
+        max_changes=rng.integers(0, k + 1, n),
+    )
+
+
+def assert_same_bits(got: tuple, expected: tuple) -> None:
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize(("dataset", "kind"), [("loan", "lr"), ("gsmc", "lr")])
+@pytest.mark.parametrize("constraint_inputs", [True, False])
+def test_the_network_pass_has_the_bits_of_its_formulas_at_any_batch_size(
+    trained: Amortizer, dataset: str, kind: str, constraint_inputs: bool
+) -> None:
+    scm, _, x, people = people_and_constraints(dataset, kind, 120, 3)
+    amortizer = random_amortizer(
+        trained.spec, dataset, kind, 3, constraint_inputs=constraint_inputs
+    )
+    spec = amortizer.spec
+    current = x[:, spec.actionable_columns]
+    arrays = with_edge_cases(current, ConstraintArrays.from_constraints(scm, x, people), 3)
+    assert_same_bits(
+        (encode_inputs(spec, x, arrays), allowed_patterns(arrays, current, spec.catalogue)),
+        (reference_inputs(spec, x, arrays), reference_allowed(spec, current, arrays)),
+    )
+    # BLAS takes other paths for one row and for many: each size against its reference.
+    for rows in [
+        np.arange(len(x)),
+        *np.array_split(np.arange(len(x)), 30),
+        *np.arange(20)[:, None],
+    ]:
+        assert_same_bits(
+            amortizer.scores(x[rows], arrays.take(rows)),
+            reference_scores(amortizer, x[rows], arrays.take(rows)),
+        )
 
 
 def test_trained_model_keeps_constraints_and_verifies_on_thousands(trained: Amortizer) -> None:

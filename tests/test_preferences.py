@@ -1,8 +1,16 @@
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
-from models.preferences import PreferenceError, WeightScheme, parse_constraints
+from models.preferences import (
+    ConstraintArrays,
+    PreferenceError,
+    WeightScheme,
+    parse_constraints,
+)
 
 
 @pytest.mark.parametrize(
@@ -62,3 +70,28 @@ def test_exponential_scheme(loan_scm) -> None:
 def test_bounds_are_clipped_to_the_domain(loan_scm) -> None:
     c = parse_constraints({"bounds": {"income": [None, 100]}}, loan_scm)
     assert c.bounds["income"] == (-12.0, 14.0)
+
+
+def test_taking_people_gives_the_rows_of_indexing() -> None:
+    rng = np.random.default_rng(0)
+    n, k = 9, 3
+    arrays = ConstraintArrays(
+        rng.random((n, k)) < 0.3,
+        rng.normal(size=(n, k)),
+        rng.normal(size=(n, k)),
+        rng.random((n, k)),
+        np.where(rng.random((n, k)) < 0.5, np.inf, rng.random((n, k))),
+        rng.random((n, k)),
+        rng.integers(0, k + 1, n),
+    )
+    fields = [f.name for f in dataclasses.fields(ConstraintArrays)]
+    masks = [rng.random(n) < 0.5, np.zeros(n, dtype=bool)]
+    for rows in [np.array([4]), np.array([-1, 0, 0]), np.arange(0), *masks, slice(2, 5)]:
+        taken = arrays.take(rows)
+        for name in fields:
+            expected = getattr(arrays, name)[rows]
+            assert getattr(taken, name).dtype == expected.dtype
+            np.testing.assert_array_equal(getattr(taken, name), expected)
+    assert np.shares_memory(arrays.take(slice(2, 5)).lower, arrays.lower)
+    with pytest.raises(IndexError, match="boolean index did not match"):
+        arrays.take(np.ones(n - 1, dtype=bool))
