@@ -3,18 +3,18 @@
 An equation is a string such as ``"-4 + 1.5 * max(income, 0) + noise"``. It is parsed
 into a small tree of :class:`Expr` nodes; nothing is ever passed to ``eval``. Allowed:
 numbers, variable names, ``+ - * / **`` (the exponent a constant), unary minus, and the
-functions in :data:`FUNCTIONS`. The tree is evaluated with numpy on whole batches, in
-interval arithmetic (for big-M constants and bound propagation), and inverted along the
-path to one symbol (abduction of noise that sits inside a function). Code that evaluates
-the same equation many times compiles it once into closures (:func:`compile_expression`,
-:func:`compile_inverse`).
+functions in :data:`FUNCTIONS`. The tree is evaluated with numpy on whole batches
+(:func:`evaluate`, the reference interpreter) and in interval arithmetic (for big-M
+constants and bound propagation); :func:`check_invertible` says whether a symbol (the
+noise) can be recovered by undoing the operations along its path. The causal model runs
+its equations, and those inverses, compiled by :mod:`models.programs`.
 """
 
 from __future__ import annotations
 
 import ast
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,11 +196,7 @@ def sigmoid(x: ArrayLike) -> ArrayLike:
 def logit(p: ArrayLike) -> ArrayLike:
     p = np.asarray(p, dtype=float)
     with np.errstate(divide="ignore"):
-        return _log_odds(p)
-
-
-def _log_odds(p: ArrayLike) -> ArrayLike:
-    return np.subtract(np.log(p), np.log1p(np.negative(p)))
+        return np.subtract(np.log(p), np.log1p(np.negative(p)))
 
 
 _UNARY: dict[str, Callable[[ArrayLike], ArrayLike]] = {
@@ -229,8 +225,10 @@ _PAIRWISE: dict[str, Callable[[ArrayLike, ArrayLike], ArrayLike]] = {
 def evaluate(expr: Expr, env: Mapping[str, ArrayLike]) -> ArrayLike:
     """Evaluate ``expr`` with numpy; every name must be in ``env`` (arrays broadcast).
 
-    The reference interpreter: :func:`compile_expression` gives the same bits faster when
-    one expression is evaluated many times.
+    The reference interpreter, a tree walk. Constants stay Python floats, so a constant
+    subexpression such as ``1 / 0`` raises :class:`ZeroDivisionError`. The causal model's
+    compiled programs (:mod:`models.programs`) agree with it up to the last bits of the
+    math functions (libm's there, numpy's own here), and give inf or nan where this raises.
     """
     if isinstance(expr, Const):
         return expr.value
@@ -261,108 +259,6 @@ def _reduce(
     for value in values[1:]:
         result = func(result, value)
     return result
-
-
-# ---------------------------------------------------------------------------------------
-# Compiled evaluation
-
-Values = Mapping[str, ArrayLike] | Sequence[ArrayLike]
-"""What compiled code reads names from: a mapping by name, or a sequence by slot."""
-CompiledExpression = Callable[[Values], ArrayLike]
-"""``values -> value``: an expression compiled by :func:`compile_expression`."""
-
-# The closures call the ufuncs behind the operators directly: the same loops and bits, but
-# without the operator protocol's dispatch (a third of the cost of an operation on a few
-# rows). Constants are folded with the operators themselves, so that ``1 / 0`` still raises.
-_UFUNC_OF: dict[Callable[..., ArrayLike], Callable[..., ArrayLike]] = {
-    operator.add: np.add,
-    operator.sub: np.subtract,
-    operator.mul: np.multiply,
-    operator.truediv: np.true_divide,
-    operator.neg: np.negative,
-}
-
-
-def compile_expression(expr: Expr, slots: Mapping[str, int] | None = None) -> CompiledExpression:
-    """``expr`` as nested closures: ``compile_expression(expr)(env) == evaluate(expr, env)``.
-
-    Walking the tree costs several microseconds per call in ``isinstance`` dispatch, as much
-    as the numpy work on a few rows; the closures do that dispatch once. Constant subtrees
-    are folded with the same numpy and operator functions, so every value is bit-for-bit
-    :func:`evaluate`'s. The closures are built from the whitelisted tree, never from text.
-
-    With ``slots`` (name -> position), the compiled expression reads name ``n`` from
-    ``values[slots[n]]`` of a sequence, so callers need not build a dict per call.
-    """
-    compiled = _compile(expr, slots)
-    if isinstance(compiled, Const):
-        value = compiled.value
-        return lambda values: value
-    return compiled
-
-
-def _compile(expr: Expr, slots: Mapping[str, int] | None) -> CompiledExpression | Const:
-    """A closure, or a :class:`Const` when ``expr`` depends on no name."""
-    if isinstance(expr, Const):
-        return expr
-    if isinstance(expr, Var):
-        return _lookup(expr.name, slots)
-    if isinstance(expr, Neg):
-        return _apply(operator.neg, _compile(expr.arg, slots))
-    if isinstance(expr, BinOp):
-        return _apply(_OPERATORS[expr.op], _compile(expr.left, slots), _compile(expr.right, slots))
-    assert isinstance(expr, Call)
-    args = [_compile(arg, slots) for arg in expr.args]
-    if expr.func in _PAIRWISE:
-        result = args[0]
-        for arg in args[1:]:
-            result = _apply(_PAIRWISE[expr.func], result, arg)
-        return result
-    return _apply(_UNARY[expr.func], args[0])
-
-
-def _lookup(name: str, slots: Mapping[str, int] | None) -> CompiledExpression:
-    if slots is not None:
-        if name not in slots:
-            raise _missing_value(name)
-        # Checked here, so a C getter will do (no try block, no Python frame).
-        return operator.itemgetter(slots[name])
-
-    def value(values: Values) -> ArrayLike:
-        try:
-            return values[name]  # type: ignore[call-overload]
-        except KeyError:
-            raise _missing_value(name) from None
-
-    return value
-
-
-def _apply(
-    func: Callable[..., ArrayLike], *operands: CompiledExpression | Const
-) -> CompiledExpression | Const:
-    """``func`` of one or two operands, folded when all are constants.
-
-    The closure holds a constant operand as a 0-d array (a ufunc converts a Python float
-    on every call), not behind a closure of its own.
-    """
-    constants = [operand.value for operand in operands if isinstance(operand, Const)]
-    if len(constants) == len(operands):
-        try:
-            return Const(func(*constants))
-        except ArithmeticError:  # e.g. 1 / 0 in Python floats: raise when evaluated, as before
-            return lambda values: func(*constants)
-    func = _UFUNC_OF.get(func, func)
-    if len(operands) == 1:
-        (arg,) = operands
-        return lambda values: func(arg(values))
-    left, right = operands
-    if isinstance(left, Const):
-        left_value = np.asarray(left.value)
-        return lambda values: func(left_value, right(values))
-    if isinstance(right, Const):
-        right_value = np.asarray(right.value)
-        return lambda values: func(left(values), right_value)
-    return lambda values: func(left(values), right(values))
 
 
 # ---------------------------------------------------------------------------------------
@@ -483,95 +379,3 @@ def check_invertible(expr: Expr, symbol: str, *, where: str) -> None:
                 f"move it outside, for example as an additive term."
             )
         node = next(child for child in children(node) if count_name(child, symbol))
-
-
-def solve_for(
-    expr: Expr, symbol: str, target: ArrayLike, env: Mapping[str, ArrayLike]
-) -> ArrayLike:
-    """The value of ``symbol`` for which ``expr`` equals ``target`` (others from ``env``).
-
-    ``symbol`` must appear once (see :func:`check_invertible`).
-    """
-    return compile_inverse(expr, symbol)(target, env)
-
-
-CompiledInverse = Callable[[ArrayLike, Values], ArrayLike]
-"""``(target, values) -> value of the symbol``: built by :func:`compile_inverse`."""
-
-
-def compile_inverse(
-    expr: Expr, symbol: str, slots: Mapping[str, int] | None = None
-) -> CompiledInverse:
-    """:func:`solve_for` with the path to ``symbol`` walked, and its side terms compiled, once.
-
-    Undoes the operations from the root down: each step, the inverse of one node, maps the
-    value that node must take to the value its child on the path must take. ``slots`` as
-    in :func:`compile_expression`.
-    """
-    steps: list[CompiledInverse] = []
-    node = expr
-    while not isinstance(node, Var):
-        step, node = _inverse_step(node, symbol, slots)
-        steps.append(step)
-
-    def solve(target: ArrayLike, values: Values) -> ArrayLike:
-        value = np.asarray(target, dtype=float)
-        for step in steps:
-            value = step(value, values)
-        return value
-
-    return solve
-
-
-# (operator, symbol in its left operand) -> (ufunc, whether the node's value comes first):
-# the operand that holds the symbol is ufunc(value, other) or ufunc(other, value).
-_UNDO: dict[tuple[str, bool], tuple[Callable[[ArrayLike, ArrayLike], ArrayLike], bool]] = {
-    ("+", True): (np.subtract, True),
-    ("+", False): (np.subtract, True),
-    ("-", True): (np.add, True),
-    ("-", False): (np.subtract, False),
-    ("*", True): (np.true_divide, True),
-    ("*", False): (np.true_divide, True),
-    ("/", True): (np.multiply, True),
-    ("/", False): (np.true_divide, False),
-}
-
-
-def _inverse_step(
-    node: Expr, symbol: str, slots: Mapping[str, int] | None
-) -> tuple[CompiledInverse, Expr]:
-    """How to undo ``node`` on the way to ``symbol``, and the child that leads there."""
-    if isinstance(node, Neg):
-        return (lambda value, values: np.negative(value)), node.arg
-    if isinstance(node, BinOp):
-        in_left = count_name(node.left, symbol) > 0
-        path, side = (node.left, node.right) if in_left else (node.right, node.left)
-        if node.op == "**":  # the exponent is a constant, so the symbol is in the base
-            exponent = side.value  # type: ignore[attr-defined]
-            # ``**`` with a Python float, as evaluated before: numpy takes sqrt for 0.5.
-            return (lambda value, values: np.sign(value) * np.abs(value) ** (1.0 / exponent)), path
-        return _undo_binary(*_UNDO[node.op, in_left], _compile(side, slots)), path
-    assert isinstance(node, Call)
-    # Not logit: its own np.errstate, nested in this one, would cost another microsecond.
-    inverse = {"sigmoid": _log_odds, "exp": np.log, "log": np.exp}[node.func]
-
-    def undo_call(value: ArrayLike, values: Values) -> ArrayLike:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return inverse(value)
-
-    return undo_call, node.args[0]
-
-
-def _undo_binary(
-    ufunc: Callable[[ArrayLike, ArrayLike], ArrayLike],
-    value_first: bool,
-    other: CompiledExpression | Const,
-) -> CompiledInverse:
-    if isinstance(other, Const):
-        constant = np.asarray(other.value)
-        if value_first:
-            return lambda value, values: ufunc(value, constant)
-        return lambda value, values: ufunc(constant, value)
-    if value_first:
-        return lambda value, values: ufunc(value, other(values))
-    return lambda value, values: ufunc(other(values), value)

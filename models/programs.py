@@ -338,13 +338,13 @@ def _binary_scalar(op, a, b):
         return a * b
     if op == DIV:
         return a / b
-    if op == POW:
-        return a**b
+    if op == POW:  # as in _binary
+        return np.sqrt(a) if b == 0.5 else a**b
     if op == REVERSED_SUB:
         return b - a
     if op == REVERSED_DIV:
         return b / a
-    if op == MAX:  # as in _binary
+    if op == MAX:  # as in _binary: numpy's max and min
         return a if a > b or a != a else b
     return a if a < b or a != a else b
 
@@ -395,21 +395,19 @@ def _binary(op, a, b):
     elif op == DIV:
         for r in range(len(a)):
             a[r] /= b[r]
-    elif op == POW:
+    elif op == POW:  # numpy takes the square root for ** 0.5: (-inf) ** 0.5 is nan, not inf
         for r in range(len(a)):
-            a[r] = a[r] ** b[r]
+            a[r] = np.sqrt(a[r]) if b[r] == 0.5 else a[r] ** b[r]
     elif op == REVERSED_SUB:
         for r in range(len(a)):
             a[r] = b[r] - a[r]
     elif op == REVERSED_DIV:
         for r in range(len(a)):
             a[r] = b[r] / a[r]
-    # max and min as numpy's: nan propagates, and of equal values (0.0 and -0.0) the
-    # second is taken (Python's max and min take the first).
-    elif op == MAX:
+    elif op == MAX:  # as numpy's: nan propagates; of equal values (0.0, -0.0), b is taken
         for r in range(len(a)):
             a[r] = a[r] if a[r] > b[r] or a[r] != a[r] else b[r]
-    else:  # MIN
+    else:  # MIN, as MAX
         for r in range(len(a)):
             a[r] = a[r] if a[r] < b[r] or a[r] != a[r] else b[r]
 
@@ -417,6 +415,15 @@ def _binary(op, a, b):
 @numba.njit(**_JIT)
 def _propagate(ops, operands, args, consts, value_start, depth, x, intervene, values, noise):
     n, f = x.shape
+    # Checked, as numba does not check indices: a row of another width would read (and
+    # write) outside the arrays.
+    if f != len(value_start) - 1 or (
+        intervene.shape != x.shape or values.shape != x.shape or noise.shape != x.shape
+    ):
+        raise ValueError(
+            "The rows, interventions, values and noise must have the same shape, with one "
+            "column per variable of the model."
+        )
     slots = np.empty((2 * f, BLOCK))
     stack = np.empty((depth, BLOCK))
     for start in range(0, n, BLOCK):
@@ -435,6 +442,11 @@ def _propagate(ops, operands, args, consts, value_start, depth, x, intervene, va
 @numba.njit(**_JIT)
 def _abduct(ops, operands, args, consts, noise_start, depth, noise, x):
     n, f = x.shape
+    if f != len(noise_start) - 1 or noise.shape != x.shape:  # as in _propagate
+        raise ValueError(
+            "The rows and the noise must have the same shape, with one column per variable "
+            "of the model."
+        )
     slots = np.empty((f, BLOCK))
     stack = np.empty((depth, BLOCK))
     for start in range(0, n, BLOCK):

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from instances import load_scm
-from models.expressions import compile_expression, evaluate, solve_for
 from models.scm import ModelFileError, StructuralCausalModel
 from tests.conftest import SHARED_DATA
 
@@ -118,70 +117,8 @@ def test_model_file_errors_name_the_field(edit, message) -> None:
         StructuralCausalModel.from_dict(document)
 
 
-# -- compiled numerics against the tree-walking reference ---------------------------------
-
-MODELS = [("loan", None), ("loan", "karimi"), ("gsmc", None)]
-
-
-def awkward_rows(scm: StructuralCausalModel, n: int, seed: int) -> np.ndarray:
-    """Rows inside and well outside the domain, with exact zeros of both signs."""
-    rng = np.random.default_rng(seed)
-    width = scm.upper - scm.lower
-    rows = rng.uniform(scm.lower - width, scm.upper + width, (n, scm.num_features))
-    rows[rng.random(rows.shape) < 0.1] = 0.0
-    rows[rng.random(rows.shape) < 0.1] = -0.0
-    return rows
-
-
-def assert_same_bits(actual, expected) -> None:
-    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
-    assert actual.shape == expected.shape
-    assert actual.tobytes() == expected.tobytes()
-
-
-@pytest.mark.parametrize("dataset, variant", MODELS)
-def test_compiled_equations_match_the_tree_walk_bit_for_bit(dataset, variant) -> None:
-    scm = load_scm(dataset, variant)
-    x = awkward_rows(scm, 300, seed=1)
-    env = {**dict(zip(scm.names, x.T, strict=True)), "noise": awkward_rows(scm, 300, 2)[:, 0]}
-    expressions = [var.equation for var in scm.variables] + [scm.label_spec.expr]
-    with np.errstate(all="ignore"):
-        for expr in expressions:
-            assert_same_bits(compile_expression(expr)(env), evaluate(expr, env))
-
-
-@pytest.mark.parametrize("dataset, variant", MODELS)
-def test_counterfactuals_and_abduction_match_the_tree_walk_bit_for_bit(dataset, variant) -> None:
-    scm = load_scm(dataset, variant)
-    x, noise = awkward_rows(scm, 40, seed=3), awkward_rows(scm, 40, seed=4)
-    values = awkward_rows(scm, 40, seed=5)
-    intervene = np.random.default_rng(6).random(x.shape) < 0.3
-    intervene[:, 1], intervene[:, 2] = True, False  # the shortcuts for all rows / no row
-
-    def reference(x, intervene, values, noise):
-        # The algorithm before compilation: a tree walk per equation, np.where per column.
-        out = np.empty_like(x)
-        for j, var in enumerate(scm.variables):
-            env = {p: out[:, scm.index[p]] for p in var.parents} | {"noise": noise[:, j]}
-            out[:, j] = np.where(intervene[:, j], values[:, j], evaluate(var.equation, env))
-        return out
-
-    with np.errstate(all="ignore"):
-        expected = reference(x, intervene, values, noise)
-        assert_same_bits(scm.propagate_counterfactual(x, intervene, values, noise), expected)
-        for i in range(len(x)):  # one row at a time, as the solvers check an action
-            row = scm.propagate_counterfactual(x[i], intervene[i], values[i], noise[i : i + 1])
-            assert_same_bits(row[0], expected[i])
-        nothing = np.zeros_like(intervene)
-        assert_same_bits(scm.generate(noise), reference(x, nothing, values, noise))
-        abducted = scm.abduct_noise(x)
-        for j, var in enumerate(scm.variables):
-            env = {p: x[:, scm.index[p]] for p in var.parents}
-            assert_same_bits(abducted[:, j], solve_for(var.equation, "noise", x[:, j], env))
-
-
 def test_a_model_survives_pickling(loan_scm) -> None:
     x, noise = loan_scm.sample(3, 0)
     again = pickle.loads(pickle.dumps(loan_scm))
-    assert_same_bits(again.generate(noise), x)
-    assert_same_bits(again.abduct_noise(x), loan_scm.abduct_noise(x))
+    assert again.generate(noise).tobytes() == x.tobytes()
+    assert again.abduct_noise(x).tobytes() == loan_scm.abduct_noise(x).tobytes()
