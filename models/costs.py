@@ -125,7 +125,7 @@ class CostProfile:
             np.ascontiguousarray(values, dtype=float),
             np.ascontiguousarray(x_factual, dtype=float),
             constraints.weight,
-            self._denominators,
+            self.denominators,
             self.kind == "l1",
             self.sparsity,
             constraints.soft_limit,
@@ -147,7 +147,7 @@ class CostProfile:
         return {}
 
     @functools.cached_property
-    def _denominators(self) -> FloatArray:
+    def denominators(self) -> FloatArray:
         """Per actionable feature, what a person's weight is divided by in :meth:`costs`."""
         scale = np.array([self.scale[name] for name in self.actionable])
         if self.kind == "l1":
@@ -156,28 +156,39 @@ class CostProfile:
         return len(self.actionable) * scale**2 * ranges
 
 
-@numba.njit(nogil=True, cache=True, error_model="numpy")
+_JIT = {"nogil": True, "cache": True, "error_model": "numpy"}
+
+
+@numba.njit(**_JIT)
 def _action_costs(
     columns, intervene, values, x, weight, denominators, l1, sparsity, soft_limit, soft_penalty,
     total,
 ):  # fmt: skip
-    """:meth:`CostProfile.costs` into ``total``, a row at a time: per acted feature,
-    weight / scale * |delta| (l1) or weight / (K scale^2 range) * delta^2 (carma), plus
-    the sparsity and the soft limit's penalty, summed in the order of the features."""
+    """:meth:`CostProfile.costs` into ``total``, a row at a time, summed in the order of
+    the features."""
     for r in range(len(total)):
         row_total = 0.0
         for k in range(len(columns)):
             c = columns[k]
-            if not intervene[r, c]:
-                continue
-            delta = values[r, c] - x[r, c]
-            size = abs(delta)
-            per_feature = weight[r, k] / denominators[k]
-            per_feature *= size if l1 else delta * delta
-            beyond = size - soft_limit[r, k]
-            if beyond < 0.0:  # not max(): numpy's keeps a nan
-                beyond = 0.0
-            per_feature += sparsity
-            per_feature += beyond * soft_penalty[r, k]
-            row_total += per_feature
+            if intervene[r, c]:
+                row_total += feature_cost(
+                    values[r, c] - x[r, c], weight[r, k], denominators[k], l1, sparsity,
+                    soft_limit[r, k], soft_penalty[r, k],
+                )  # fmt: skip
         total[r] = row_total
+
+
+@numba.njit(inline="always", **_JIT)
+def feature_cost(delta, weight, denominator, l1, sparsity, soft_limit, soft_penalty):
+    """The cost of changing one acted feature by ``delta``: weight / scale * |delta| (l1)
+    or weight / (K scale^2 range) * delta^2 (carma), plus the sparsity and the soft
+    limit's penalty (``denominator``: :attr:`CostProfile.denominators`' entry)."""
+    size = abs(delta)
+    per_feature = weight / denominator
+    per_feature *= size if l1 else delta * delta
+    beyond = size - soft_limit
+    if beyond < 0.0:  # not max(): numpy's keeps a nan
+        beyond = 0.0
+    per_feature += sparsity
+    per_feature += beyond * soft_penalty
+    return per_feature

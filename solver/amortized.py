@@ -20,9 +20,10 @@ For a batch of people (:meth:`AmortizedSolver.predict`, no Python loop over peop
    end or unchanged, the other line-searched), verified the same way.
 
 Small batches, where a numpy call costs more than its rows, do steps 2 to 4 in as few
-calls as they can (:meth:`AmortizedSolver._with_corners`): the corners of every candidate
-changing two features are lines from the start, one compiled call searches all lines,
-and one call of :func:`~solver.verify.verify_actions` checks every line's answer.
+calls as they can: one compiled call (:func:`solver.line_search.small_batch`) builds every
+candidate's line and, where it changes two features, its corners from the start, searches
+them and keeps each person's cheapest accepted answer, and one call of
+:func:`~solver.verify.verify_actions` checks those.
 
 :meth:`AmortizedSolver.solve` then repairs every person whose answer failed: first with
 the exact MILP restricted to the predicted features (the other features locked), then
@@ -66,7 +67,13 @@ from models.preferences import ConstraintArrays, PersonConstraints, parse_constr
 from models.scm import StructuralCausalModel, VariableType
 from solver.engine import EngineOptions, RecourseSolver
 from solver.labels import package_version
-from solver.line_search import SECANT_AIM, SECANT_TOLERANCE, SearchModel, search_lines
+from solver.line_search import (
+    SECANT_AIM,
+    SECANT_TOLERANCE,
+    SearchModel,
+    SmallBatchTables,
+    small_batch,
+)
 from solver.milp import SolveStatus
 from solver.result import RecourseResult, SolverInfo
 from solver.verify import verify_actions
@@ -193,6 +200,17 @@ class AmortizedSolver:
         self._fast_classifier = _folded_float32(classifier)
         self._search_model = SearchModel.of(scm, classifier, self.margin)
         self._ancestor = _actionable_ancestors(scm)
+        self._small_tables = SmallBatchTables(
+            self.columns,
+            spec.integer,
+            self._ancestor,
+            spec.catalogue,
+            self.cost.denominators,
+            self.cost.kind == "l1",
+            self.cost.sparsity,
+            CANDIDATE_PATTERNS,
+            OTHER_PATTERN_CHANCE,
+        )
         self._ancestor_of = self._ancestor.T.astype(float)  # [a, k]: a is an ancestor of k
 
     # -- the hot path ------------------------------------------------------------------
@@ -212,30 +230,32 @@ class AmortizedSolver:
         n = len(x)
         noise = self.scm.abduct_noise(x)
         scores = self.amortizer.scores(x, constraints)  # one network pass for every rank
-        small = n <= SMALL_BATCH
         # The best pattern for everyone; the next ones only where the network gives them a
         # chance: where it is sure, they are rarely cheaper and cost most of the time.
         ranked, chances = _top_patterns(scores.logits, MAX_PATTERNS)
+        if n <= SMALL_BATCH:  # the same rules, compiled, each candidate's corners included
+            mask, values = small_batch(
+                self._search_model, self._small_tables, x, noise, constraints, ranked,
+                chances.T, scores.changed,
+            )  # fmt: skip
+            answer = self._verified(x, noise, constraints, self._intervene(mask), values)
+            return dataclasses.replace(answer, seconds=time.perf_counter() - start)
         tried = np.zeros((MAX_PATTERNS, n), dtype=bool)
         tried[:CANDIDATE_PATTERNS] = chances[:CANDIDATE_PATTERNS] >= OTHER_PATTERN_CHANCE
         tried[0] = True
         ranks, person = np.nonzero(tried)  # rank-major: row i < n is person i's best
         first = _Candidates(person, ranked[person, ranks], chances[ranks, person] > 0)
-        if small:
-            answer, settled = self._with_corners(x, noise, constraints, scores.changed, first)
-        else:
-            factual_gap = self._gap(x)[person]
-            attempt = self._attempt(x, noise, constraints, scores.changed, first, factual_gap)
-            cost = np.full((CANDIDATE_PATTERNS, n), np.inf)
-            cost[ranks, person] = np.where(attempt.verified, attempt.cost, np.inf)
-            row = np.zeros((CANDIDATE_PATTERNS, n), dtype=np.int64)
-            row[ranks, person] = np.arange(len(ranks))
-            best = np.where(np.isfinite(cost).any(axis=0), np.argmin(cost, axis=0), 0)
-            answer = attempt.take(row[best, np.arange(n)])
-            settled = answer.verified.copy()
-        # A person none of whose candidates passed (small batches: a corner may have)
-        # tries the next patterns; a passing one is kept where cheaper.
-        rescued = np.zeros(n, dtype=bool)
+        factual_gap = self._gap(x)[person]
+        attempt = self._attempt(x, noise, constraints, scores.changed, first, factual_gap)
+        cost = np.full((CANDIDATE_PATTERNS, n), np.inf)
+        cost[ranks, person] = np.where(attempt.verified, attempt.cost, np.inf)
+        row = np.zeros((CANDIDATE_PATTERNS, n), dtype=np.int64)
+        row[ranks, person] = np.arange(len(ranks))
+        best = np.where(np.isfinite(cost).any(axis=0), np.argmin(cost, axis=0), 0)
+        answer = attempt.take(row[best, np.arange(n)])
+        settled = answer.verified.copy()
+        # A person none of whose candidates passed tries the next patterns; a passing one
+        # is kept where cheaper.
         for rank in range(1, MAX_PATTERNS) if not settled.all() else ():
             failed = np.flatnonzero(~settled & ~tried[rank] & (chances[rank] > 0))
             if not failed.size:
@@ -246,65 +266,14 @@ class AmortizedSolver:
                 constraints,
                 scores.changed,
                 _Candidates(failed, ranked[failed, rank], chances[rank, failed] > 0),
-                None if small else self._gap(x[failed]),
+                self._gap(x[failed]),
             )
-            settled[failed[retry.verified]] = rescued[failed[retry.verified]] = True
+            settled[failed[retry.verified]] = True
             so_far = np.where(answer.verified[failed], answer.cost[failed], np.inf)
             better = retry.verified & (retry.cost < so_far)
             answer = answer.updated(failed[better], retry.take(better))
-        # Small batches have tried the corners of their first candidates already.
-        if not small or rescued.any():
-            among = rescued if small else answer.verified
-            answer = self._two_feature_vertices(x, noise, constraints, answer, among, small=small)
+        answer = self._two_feature_vertices(x, noise, constraints, answer)
         return dataclasses.replace(answer, seconds=time.perf_counter() - start)
-
-    def _with_corners(
-        self,
-        x: FloatArray,
-        noise: FloatArray,
-        constraints: ConstraintArrays,
-        changed: FloatArray,
-        candidates: _Candidates,
-    ) -> tuple[AmortizedBatch, BoolArray]:
-        """Small batches, where a numpy call costs more than its rows: the candidates and
-        the corners of those changing two features (see :meth:`_corners`) are line-searched
-        together and verified in one call; per person the cheapest verified answer is
-        kept, the best pattern's where none is. Also returns, per person, whether a
-        candidate itself passed (a corner of a failed one can be far costlier than the
-        next patterns)."""
-        person = candidates.person
-        current = x[person[:, None], self.columns]
-        lower, upper = constraints.lower[person], constraints.upper[person]
-        mask, step = self._proposed_lines(current, lower, upper, changed[person], candidates)
-        rows = np.arange(len(person))  # each line's candidate
-        two = np.flatnonzero((step != 0).sum(axis=1) == 2)
-        if two.size:
-            of, corner_mask, corner_start, corner_step = self._corners(
-                two, mask, step, current, lower, upper
-            )
-            rows = np.concatenate([rows, of])
-            mask = np.concatenate([mask, corner_mask])
-            current = np.concatenate([current, corner_start])
-            step = np.concatenate([step, corner_step])
-        line_person = person[rows]
-        line = _Line(
-            x[line_person],
-            noise[line_person],
-            self._intervene(mask),
-            current,
-            step,
-            lower[rows],
-            upper[rows],
-        )
-        # A candidate with no accepted scale is verified as proposed; such a corner is out.
-        checked, line_of, cost = self._small_search(
-            line, constraints, line_person, np.arange(len(rows)) < len(person)
-        )
-        # Lines 0 to n - 1 are the people's best patterns, kept where nothing passes.
-        answer = checked.take(_cheapest(line_person[line_of], cost, len(x)))
-        passed = np.zeros(len(x), dtype=bool)
-        passed[person[line_of[np.isfinite(cost) & (line_of < len(person))]]] = True
-        return answer, passed
 
     def _corners(
         self,
@@ -344,12 +313,9 @@ class AmortizedSolver:
         noise: FloatArray,
         constraints: ConstraintArrays,
         answer: AmortizedBatch,
-        among: BoolArray,
-        *,
-        small: bool,
     ) -> AmortizedBatch:
-        """The answers of people ``among`` that change two features, moved to the cheapest
-        corner found nearby.
+        """The verified answers that change two features, moved to the cheapest corner
+        found nearby.
 
         The joint scaling keeps the network's split between the two changes. With a cost
         linear in each change and a boundary nearly linear over the region, the cheapest
@@ -361,7 +327,7 @@ class AmortizedSolver:
         current = x[:, columns]
         acted = answer.intervene[:, columns]
         change = np.where(acted, answer.values[:, columns] - current, 0.0)
-        two = among & answer.verified & (np.count_nonzero(change, axis=1) == 2)
+        two = answer.verified & (np.count_nonzero(change, axis=1) == 2)
         people = np.flatnonzero(two)
         if not people.size:
             return answer
@@ -372,18 +338,11 @@ class AmortizedSolver:
         line = _Line(
             x[of], noise[of], self._intervene(mask), start, step, arrays.lower, arrays.upper
         )
-        if small:
-            corners, line_of, cost = self._small_search(
-                line, constraints, of, np.zeros(len(of), dtype=bool)
-            )
-            best = _cheapest(line_of, cost, len(of))
-            corners, cost = corners.take(best), cost[best]
-        else:
-            zero_gap = self._gaps(line, np.arange(len(of)), np.zeros(len(of)))
-            t = self._line_search(line, zero_gap)
-            values = self._scaled(line, np.where(np.isnan(t), 0.0, t))
-            corners = self._verified(line.x, line.noise, arrays, line.intervene, values)
-            cost = np.where(corners.verified & ~np.isnan(t), corners.cost, np.inf)
+        zero_gap = self._gaps(line, np.arange(len(of)), np.zeros(len(of)))
+        t = self._line_search(line, zero_gap)
+        values = self._scaled(line, np.where(np.isnan(t), 0.0, t))
+        corners = self._verified(line.x, line.noise, arrays, line.intervene, values)
+        cost = np.where(corners.verified & ~np.isnan(t), corners.cost, np.inf)
         # Per person the first corner of the least cost, kept where cheaper than the answer.
         order = np.lexsort((cost, of))
         cheapest = order[np.flatnonzero(np.diff(of[order], prepend=-1))]
@@ -397,9 +356,9 @@ class AmortizedSolver:
         constraints: ConstraintArrays,
         changed: FloatArray,
         candidates: _Candidates,
-        factual_gap: FloatArray | None,
+        factual_gap: FloatArray,
     ) -> AmortizedBatch:
-        """Each candidate, line-searched and verified (small batches: no ``factual_gap``)."""
+        """Each candidate, line-searched and verified."""
         person = candidates.person
         x, noise, arrays = x[person], noise[person], constraints.take(person)
         current = x[:, self.columns]
@@ -407,11 +366,6 @@ class AmortizedSolver:
             current, arrays.lower, arrays.upper, changed[person], candidates
         )
         line = _Line(x, noise, self._intervene(mask), current, step, arrays.lower, arrays.upper)
-        if factual_gap is None:
-            checked, line_of, cost = self._small_search(
-                line, constraints, person, np.ones(len(x), dtype=bool)
-            )
-            return checked.take(_cheapest(line_of, cost, len(x)))
         t = self._line_search(line, factual_gap)
         values = self._scaled(line, np.where(np.isnan(t), 1.0, t))
         return self._verified(x, noise, arrays, line.intervene, values)
@@ -472,7 +426,7 @@ class AmortizedSolver:
     def _line_search(self, line: _Line, zero_gap: FloatArray) -> FloatArray:
         """Per row, the smallest scale either way whose counterfactual is accepted (nan: none).
 
-        For large batches (small ones: :meth:`_small_search`), where rows are what costs:
+        For large batches (small ones: :mod:`solver.line_search`), where rows are what costs:
         a bracket from the proposal itself (:meth:`_secant_bracket`), refined by regula
         falsi on the logit: the classifier is piecewise linear along the line for a ReLU
         network and a piecewise linear causal model, so the secant is exact once both ends
@@ -527,46 +481,6 @@ class AmortizedSolver:
         t = np.full(n, np.nan)
         t[row_of[kept]] = sign[kept] * size[kept]
         return t
-
-    def _small_search(
-        self,
-        line: _Line,
-        constraints: ConstraintArrays,
-        person: npt.NDArray[np.int64],
-        proposed: BoolArray,
-    ) -> tuple[AmortizedBatch, npt.NDArray[np.int64], FloatArray]:
-        """Verified answers along every line, each one's line, and its cost where it counts
-        (else inf). Line i belongs to row ``person[i]`` of ``constraints``. The compiled
-        search (:func:`~solver.line_search.search_lines`) gives each line's smallest
-        accepted scale; a line with none is verified as proposed (``proposed``; t = 1) or
-        unchanged, and answers only if that passes."""
-        spec = self.amortizer.spec
-        t = search_lines(
-            self._search_model,
-            self.columns,
-            spec.integer,
-            line.x,
-            line.noise,
-            line.intervene,
-            line.start,
-            line.step,
-            line.lower,
-            line.upper,
-        )
-        found = ~np.isnan(t)
-        t = np.where(found, t, np.where(proposed, 1.0, 0.0))
-        rows = np.arange(len(t))
-        checked = self._verified_at(line, constraints.take(person), rows, t)
-        ok = checked.verified & (found | proposed)
-        return checked, rows, np.where(ok, checked.cost, np.inf)
-
-    def _verified_at(
-        self, line: _Line, constraints: ConstraintArrays, rows: npt.NDArray[np.int64], t: FloatArray
-    ) -> AmortizedBatch:
-        """The answers of line rows ``rows`` at scales ``t``, verified (``constraints``: the
-        rows')."""
-        x, noise, values = self._rows_at(line, rows, t)
-        return self._verified(x, noise, constraints, line.intervene[rows], values)
 
     def _rows_at(
         self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray
@@ -795,14 +709,6 @@ def check_compatible(
             f"This amortizer's features {list(spec.feature_names)} (actionable "
             f"{list(spec.actionable)}) are not the causal model's."
         )
-
-
-def _cheapest(group: npt.NDArray[np.int64], cost: FloatArray, groups: int) -> npt.NDArray[np.int64]:
-    """Per group ``0 .. groups - 1``, the first row of the least finite cost, else the
-    group's first row (row i belongs to group ``group[i]``; row g is group g's first)."""
-    order = np.lexsort((cost, group))
-    best = order[np.searchsorted(group[order], np.arange(groups))]
-    return np.where(np.isfinite(cost[best]), best, np.arange(groups))
 
 
 class _Candidates(NamedTuple):

@@ -17,12 +17,16 @@ afterwards by :func:`solver.verify.verify_actions` with the real classifier.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numba
 import numpy as np
 import numpy.typing as npt
 
+from models.amortizer import CHANGE, NOT_ACTED
 from models.classifiers import Classifier
+from models.costs import feature_cost
+from models.preferences import ConstraintArrays
 from models.programs import ModelProgram, propagate_one
 from models.scm import StructuralCausalModel
 
@@ -90,45 +94,87 @@ class SearchModel:
         )
 
 
-def search_lines(
+class SmallBatchTables(NamedTuple):
+    """What the small-batch search needs besides the model: the amortizer's features and
+    pattern catalogue, the cost profile's terms, and the candidate rules."""
+
+    columns: IntArray
+    """The actionable features' columns."""
+    integer: BoolArray
+    """Which actionable features take whole numbers."""
+    ancestor: BoolArray
+    """(K, K): [k, a] where actionable feature a is an ancestor of k."""
+    catalogue: IntArray
+    """The amortizer's patterns: per actionable feature NOT_ACTED, CHANGE or HOLD."""
+    denominators: FloatArray
+    l1: bool
+    sparsity: float
+    """The cost profile's terms (see :func:`models.costs.feature_cost`)."""
+    candidates: int
+    chance_floor: float
+    """The first ``candidates`` patterns are tried where the network's probability of
+    them is at least ``chance_floor`` (the best always); the rest only for a person with
+    no accepted candidate yet."""
+
+
+def small_batch(
     model: SearchModel,
-    columns: IntArray,
-    integer: BoolArray,
+    tables: SmallBatchTables,
     x: FloatArray,
     noise: FloatArray,
-    intervene: BoolArray,
-    start: FloatArray,
-    step: FloatArray,
-    lower: FloatArray,
-    upper: FloatArray,
-) -> FloatArray:
-    """Per line (a row of each array), the scale ``t`` either way of the smallest accepted
-    change found, or nan. ``columns``: the actionable features' columns, which the last
-    four arrays hold; ``integer``: which of them take whole numbers."""
-    t = np.empty(len(x))
-    _search(
+    constraints: ConstraintArrays,
+    ranked: IntArray,
+    chances: FloatArray,
+    changed: FloatArray,
+) -> tuple[BoolArray, FloatArray]:
+    """Per person, the mask and actionable values of the cheapest accepted answer found,
+    or, where none is, the best pattern's proposal (to be verified either way).
+
+    ``ranked`` (n, patterns) each person's patterns best first, ``chances`` their
+    probabilities (0: not allowed), ``changed`` (n, K) the network's proposed values. Each
+    candidate pattern is a line from the current values towards its proposal (no-ops
+    dropped); a line changing two features also has four corners (one feature at its
+    interval end or held, the other moving), lines of their own.
+    """
+    n, k = len(x), len(tables.columns)
+    mask, values = np.empty((n, k), dtype=bool), np.empty((n, k))
+    _small_batch(
         model.program.value_code,
         model.program.depth,
         (model.weights, model.biases, model.widths, model.threshold),
         (model.one_hot, model.groups),
-        (columns, integer),
-        *(np.ascontiguousarray(a) for a in (x, noise, intervene, start, step, lower, upper)),
-        t,
+        tuple(tables),
+        np.ascontiguousarray(x),
+        np.ascontiguousarray(noise),
+        (
+            constraints.lower,
+            constraints.upper,
+            constraints.weight,
+            constraints.soft_limit,
+            constraints.soft_penalty,
+        ),  # fmt: skip
+        np.ascontiguousarray(ranked),
+        np.ascontiguousarray(chances),
+        np.ascontiguousarray(changed),
+        mask,
+        values,
     )
-    return t
+    return mask, values
 
 
 _JIT = {"nogil": True, "cache": True, "error_model": "numpy"}
 
 
 @numba.njit(**_JIT)
-def _search(
-    program, depth, network, one_hot, features, x, noise, intervene, start, step, lower, upper, t
-):
-    """:func:`search_lines` into ``t``. The tuples: ``program`` the causal model's value
-    code, ``network`` (weights, biases, widths, threshold), ``one_hot`` (groups per
-    feature, count), ``features`` (actionable columns, integer)."""
-    f = x.shape[1]
+def _small_batch(
+    program, depth, network, one_hot, tables, x, noise, people, ranked, chances, changed,
+    out_mask, out_values,
+):  # fmt: skip
+    """:func:`small_batch` into ``out_mask`` and ``out_values``."""
+    columns, integer, ancestor, catalogue, _, _, _, candidates, chance_floor = tables
+    lower, upper = people[0], people[1]
+    n, f = x.shape
+    k_count = len(columns)
     slots = np.empty(2 * f)
     values = np.empty(f)
     scratch = (
@@ -137,48 +183,155 @@ def _search(
         values,
         np.empty((2, network[2].max())),
         np.empty(max(one_hot[1], 1)),
+        np.empty((4, 2)),
+        np.zeros(f, dtype=np.bool_),
+        np.empty(k_count, dtype=np.bool_),
     )
     model = (program, network, one_hot)
-    for line in range(len(x)):
-        slots[f:] = noise[line]
-        values[:] = x[line]
-        row = (features, intervene[line], start[line], step[line], lower[line], upper[line])
+    current = np.empty(k_count)
+    mask = np.empty(k_count, dtype=np.bool_)
+    step = np.empty(k_count)
+    corner_mask = np.empty(k_count, dtype=np.bool_)
+    corner_start = np.empty(k_count)
+    corner_step = np.empty(k_count)
+    for p in range(n):
+        slots[f:] = noise[p]
+        values[:] = x[p]
+        for k in range(k_count):
+            current[k] = x[p, columns[k]]
         best = np.inf
-        best_t = np.nan
-        zero_gap = _gap(model, scratch, row, 0.0)
-        # Per direction (0: +, 1: -), the last rejected size and its gap, and the first
-        # accepted one (inf until found).
-        lo = np.zeros(2)
-        lo_gap = np.full(2, zero_gap)
-        hi = np.full(2, np.inf)
-        hi_gap = np.zeros(2)
-        # Outwards by size, both directions in turn; a direction stops once accepted, or
-        # once its sizes pass the other's estimated root (it cannot be cheaper).
-        for size in SCAN_SCALES:
-            for d in range(2):
-                if hi[d] < np.inf or size >= _root_estimate(lo, lo_gap, hi, hi_gap, 1 - d):
-                    continue
-                gap = _gap(model, scratch, row, size * (1.0 - 2.0 * d))
-                if gap >= 0.0:
-                    hi[d], hi_gap[d] = size, gap
-                else:
-                    lo[d], lo_gap[d] = size, gap
-            if hi[0] < np.inf and hi[1] < np.inf:
+        settled = False  # a candidate itself (not only a corner) was accepted
+        for rank in range(ranked.shape[1]):
+            chance = chances[p, rank]
+            candidate = rank == 0 or (rank < candidates and chance >= chance_floor)
+            if not candidate and (settled or chance <= 0.0):  # chances fall with the rank
                 break
-        # Refine the direction with the nearer root first; the other only while it can win.
-        first = (
-            0
-            if _root_estimate(lo, lo_gap, hi, hi_gap, 0)
-            <= _root_estimate(lo, lo_gap, hi, hi_gap, 1)
-            else 1
-        )
-        for d in (first, 1 - first):
-            if hi[d] == np.inf or lo[d] >= best:
+            _line_of(catalogue[ranked[p, rank]], chance > 0.0, changed[p], current, lower[p],
+                     upper[p], ancestor, mask, step, scratch[7])  # fmt: skip
+            if rank == 0:  # the best pattern's proposal, kept where nothing is accepted
+                out_mask[p] = mask
+                for k in range(k_count):
+                    out_values[p, k] = _projected(current[k] + step[k], lower[p, k],
+                                                  upper[p, k], integer[k])  # fmt: skip
+            cost = _try_line(model, scratch, tables, people, p, current, mask, current, step,
+                             best, out_mask[p], out_values[p])  # fmt: skip
+            settled |= cost < np.inf
+            best = min(best, cost)
+            pair = np.flatnonzero(step)
+            if len(pair) != 2:
                 continue
-            size = _refine(model, scratch, row, 1.0 - 2.0 * d, lo[d], lo_gap[d], hi[d], hi_gap[d])
-            if size < best:
-                best, best_t = size, size * (1.0 - 2.0 * d)
-        t[line] = best_t
+            for c in range(4):  # the corners: two ends, then two holds
+                fixed, moved = pair[c % 2], pair[1 - c % 2]
+                corner_mask[:] = mask
+                corner_start[:] = current
+                corner_step[:] = 0.0
+                corner_step[moved] = step[moved]
+                if c < 2:
+                    end = upper[p, fixed] if step[fixed] > 0 else lower[p, fixed]
+                    if not np.isfinite(end):
+                        continue
+                    corner_start[fixed] = end
+                else:  # back at its value: stays acted only if held while an ancestor moves
+                    corner_mask[fixed] = False
+                    for a in range(k_count):
+                        corner_mask[fixed] |= ancestor[fixed, a] and mask[a]
+                cost = _try_line(model, scratch, tables, people, p, current, corner_mask,
+                                 corner_start, corner_step, best, out_mask[p],
+                                 out_values[p])  # fmt: skip
+                best = min(best, cost)
+
+
+@numba.njit(**_JIT)
+def _line_of(pattern, allowed, changed, current, lower, upper, ancestor, mask, step, dropped):
+    """A pattern's line (``mask``, ``step`` from ``current``): the network's values where it
+    changes a feature, current ones where it holds, clipped into the interval; an acted
+    feature left at its value with no acted ancestor is dropped (nothing to do)."""
+    k_count = len(current)
+    for k in range(k_count):
+        mask[k] = allowed and pattern[k] != NOT_ACTED
+        target = changed[k] if allowed and pattern[k] == CHANGE else current[k]
+        step[k] = min(max(target, lower[k]), upper[k]) - current[k]
+    for k in range(k_count):
+        target = current[k] + step[k]
+        dropped[k] = mask[k] and abs(step[k]) <= 1e-9 * (1.0 + abs(target))
+        for a in range(k_count):
+            dropped[k] &= not (ancestor[k, a] and mask[a])
+    for k in range(k_count):
+        mask[k] &= not dropped[k]
+        if not mask[k]:
+            step[k] = 0.0
+
+
+@numba.njit(**_JIT)
+def _try_line(model, scratch, tables, people, p, current, mask, start, step, best, out_mask,
+              out_values):  # fmt: skip
+    """Search a line; where accepted, its cost, and its answer stored in ``out_mask`` and
+    ``out_values`` if cheaper than ``best``. Returns the cost (inf: nothing accepted)."""
+    columns, integer, _, _, denominators, l1, sparsity, _, _ = tables
+    lower, upper, weight, soft_limit, soft_penalty = people
+    intervene = scratch[6]
+    intervene[:] = False
+    for k in range(len(columns)):
+        intervene[columns[k]] = mask[k]
+    row = ((columns, integer), intervene, start, step, lower[p], upper[p])
+    t = _search_line(model, scratch, row)
+    if t != t:
+        return np.inf
+    cost = 0.0
+    for k in range(len(columns)):
+        if mask[k]:
+            value = _projected(start[k] + t * step[k], lower[p, k], upper[p, k], integer[k])
+            cost += feature_cost(value - current[k], weight[p, k], denominators[k], l1,
+                                 sparsity, soft_limit[p, k], soft_penalty[p, k])  # fmt: skip
+    if cost < best:
+        for k in range(len(columns)):
+            out_mask[k] = mask[k]
+            out_values[k] = _projected(start[k] + t * step[k], lower[p, k], upper[p, k],
+                                       integer[k])  # fmt: skip
+    return cost
+
+
+@numba.njit(**_JIT)
+def _projected(value, lower, upper, integer):
+    """A value clipped into its interval, rounded where whole (as ``project_values``)."""
+    value = min(max(value, lower), upper)
+    return np.round(value) if integer else value
+
+
+@numba.njit(**_JIT)
+def _search_line(model, scratch, row):
+    """The scale either way of the smallest accepted change found on a line, or nan."""
+    bracket = scratch[5]
+    lo, lo_gap, hi, hi_gap = bracket[0], bracket[1], bracket[2], bracket[3]
+    # Per direction (0: +, 1: -), the last rejected size and its gap, and the first
+    # accepted one (inf until found).
+    lo[:] = 0.0
+    lo_gap[:] = _gap(model, scratch, row, 0.0)
+    hi[:] = np.inf
+    hi_gap[:] = 0.0
+    # Outwards by size, both directions in turn; a direction stops once accepted, or once
+    # its sizes pass the other's estimated root (it cannot be cheaper).
+    for size in SCAN_SCALES:
+        for d in range(2):
+            if hi[d] < np.inf or size >= _root_estimate(lo, lo_gap, hi, hi_gap, 1 - d):
+                continue
+            gap = _gap(model, scratch, row, size * (1.0 - 2.0 * d))
+            if gap >= 0.0:
+                hi[d], hi_gap[d] = size, gap
+            else:
+                lo[d], lo_gap[d] = size, gap
+        if hi[0] < np.inf and hi[1] < np.inf:
+            break
+    # Refine the direction with the nearer root first; the other only while it can win.
+    ahead = _root_estimate(lo, lo_gap, hi, hi_gap, 0) <= _root_estimate(lo, lo_gap, hi, hi_gap, 1)
+    best, best_t = np.inf, np.nan
+    for d in (0, 1) if ahead else (1, 0):
+        if hi[d] == np.inf or lo[d] >= best:
+            continue
+        size = _refine(model, scratch, row, 1.0 - 2.0 * d, lo[d], lo_gap[d], hi[d], hi_gap[d])
+        if size < best:
+            best, best_t = size, size * (1.0 - 2.0 * d)
+    return best_t
 
 
 @numba.njit(**_JIT)
@@ -229,11 +382,10 @@ def _gap(model, scratch, row, t):
     """The classifier's logit minus the threshold at scale ``t`` of the line (>= 0:
     accepted); -inf where a one-hot group is broken."""
     program, (weights, biases, widths, threshold), (one_hot, groups) = model
-    slots, stack, values, work, counts = scratch
+    slots, stack, values, work, counts = scratch[:5]
     (columns, integer), intervene, start, step, lower, upper = row
     for k in range(len(columns)):
-        v = min(max(start[k] + t * step[k], lower[k]), upper[k])
-        values[columns[k]] = np.round(v) if integer[k] else v
+        values[columns[k]] = _projected(start[k] + t * step[k], lower[k], upper[k], integer[k])
     propagate_one(program, slots, stack, intervene, values)
     f = len(values)
     if groups:
