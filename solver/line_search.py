@@ -37,9 +37,11 @@ BoolArray = npt.NDArray[np.bool_]
 SCAN_SCALES = np.array(
     [0.5, 0.7, 0.85, 1, 1.15, 1.3, 1.6, 2, 2.5, 3.2, 4, 6, 8, 12, 20, 30, 60, 120, 250, 500]
 )
-"""Sizes tried outwards in each direction until one is accepted: the proposal (1) among
-the first, the far ones for lines whose proposed change is much too small (most of them
-corners, a feature alone doing the work of two)."""
+"""Sizes tried outwards in a direction the secant did not bracket, until one is accepted:
+the far ones serve lines whose proposed change is much too small (most of them corners,
+a feature alone doing the work of two)."""
+EXTRAPOLATIONS = 3
+"""Steps of the secant past a rejected proposal before scanning."""
 SECANT_AIM = 5e-4
 """Relative step past the secant's root, so that a linear piece lands on the accepted side."""
 SECANT_TOLERANCE = 2e-3
@@ -300,28 +302,49 @@ def _projected(value, lower, upper, integer):
 
 @numba.njit(**_JIT)
 def _search_line(model, scratch, row):
-    """The scale either way of the smallest accepted change found on a line, or nan."""
+    """The scale either way of the smallest accepted change found on a line, or nan.
+
+    The logit along a line is nearly linear, so the proposal and its reverse (t = 1, -1)
+    with the start (0) bracket or point at the boundary: a rising side's secant, extended,
+    is accepted most of the time. A side still unbracketed then scans outwards over
+    :data:`SCAN_SCALES`; either stops where it could no longer beat the other side."""
     bracket = scratch[5]
     lo, lo_gap, hi, hi_gap = bracket[0], bracket[1], bracket[2], bracket[3]
     # Per direction (0: +, 1: -), the last rejected size and its gap, and the first
     # accepted one (inf until found).
-    lo[:] = 0.0
-    lo_gap[:] = _gap(model, scratch, row, 0.0)
-    hi[:] = np.inf
-    hi_gap[:] = 0.0
-    # Outwards by size, both directions in turn; a direction stops once accepted, or once
-    # its sizes pass the other's estimated root (it cannot be cheaper).
-    for size in SCAN_SCALES:
-        for d in range(2):
+    zero_gap = _gap(model, scratch, row, 0.0)
+    for d in range(2):
+        gap = _gap(model, scratch, row, 1.0 - 2.0 * d)
+        if gap >= 0.0:
+            lo[d], lo_gap[d], hi[d], hi_gap[d] = 0.0, zero_gap, 1.0, gap
+        else:
+            lo[d], lo_gap[d], hi[d], hi_gap[d] = 1.0, gap, np.inf, 0.0
+    for d in range(2):
+        sign = 1.0 - 2.0 * d
+        far, far_gap = 0.0, zero_gap
+        for _ in range(EXTRAPOLATIONS):
+            near, near_gap = lo[d], lo_gap[d]
+            if hi[d] < np.inf or near_gap <= far_gap:
+                break
+            guess = near - near_gap * (near - far) / (near_gap - far_gap) * (1.0 + SECANT_AIM)
+            if guess > SCAN_SCALES[-1] or guess >= _root_estimate(lo, lo_gap, hi, hi_gap, 1 - d):
+                break
+            gap = _gap(model, scratch, row, sign * guess)
+            if gap >= 0.0:
+                hi[d], hi_gap[d] = guess, gap
+            else:
+                far, far_gap = near, near_gap
+                lo[d], lo_gap[d] = guess, gap
+        for size in SCAN_SCALES:
             if hi[d] < np.inf or size >= _root_estimate(lo, lo_gap, hi, hi_gap, 1 - d):
+                break
+            if size <= lo[d]:
                 continue
-            gap = _gap(model, scratch, row, size * (1.0 - 2.0 * d))
+            gap = _gap(model, scratch, row, sign * size)
             if gap >= 0.0:
                 hi[d], hi_gap[d] = size, gap
             else:
                 lo[d], lo_gap[d] = size, gap
-        if hi[0] < np.inf and hi[1] < np.inf:
-            break
     # Refine the direction with the nearer root first; the other only while it can win.
     ahead = _root_estimate(lo, lo_gap, hi, hi_gap, 0) <= _root_estimate(lo, lo_gap, hi, hi_gap, 1)
     best, best_t = np.inf, np.nan
