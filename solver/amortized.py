@@ -232,14 +232,15 @@ class AmortizedSolver:
         scores = self.amortizer.scores(x, constraints)  # one network pass for every rank
         # The best pattern for everyone; the next ones only where the network gives them a
         # chance: where it is sure, they are rarely cheaper and cost most of the time.
-        ranked, chances = _top_patterns(scores.logits, MAX_PATTERNS)
+        ranked, chances = scores.top(MAX_PATTERNS)
         if n <= SMALL_BATCH:  # the same rules, compiled, each candidate's corners included
             mask, values = small_batch(
                 self._search_model, self._small_tables, x, noise, constraints, ranked,
-                chances.T, scores.changed,
+                chances, scores.changed,
             )  # fmt: skip
             answer = self._verified(x, noise, constraints, self._intervene(mask), values)
             return dataclasses.replace(answer, seconds=time.perf_counter() - start)
+        chances = chances.T  # rank-major, as the candidates below
         tried = np.zeros((MAX_PATTERNS, n), dtype=bool)
         tried[:CANDIDATE_PATTERNS] = chances[:CANDIDATE_PATTERNS] >= OTHER_PATTERN_CHANCE
         tried[0] = True
@@ -811,20 +812,6 @@ def _folded_float32(classifier: Classifier) -> _Float32Network:
         bias - (classifier.mean / classifier.scale) @ first,
     )
     return _Float32Network(tuple((w.astype(np.float32), b.astype(np.float32)) for w, b in layers))
-
-
-def _top_patterns(logits: FloatArray, count: int) -> tuple[npt.NDArray[np.int64], FloatArray]:
-    """(n, count) each person's ``count`` best patterns, best first, and (count, n) the
-    network's probabilities of them (0: not allowed)."""
-    ranked = np.argsort(-logits, axis=1, kind="stable")[:, :count]
-    people = np.arange(len(logits))[:, None]
-    top = logits[people, ranked[:, :1]]
-    top[~np.isfinite(top)] = 0.0
-    weights = np.exp(logits - top)  # exp(-inf) = 0 for the patterns not allowed
-    total = weights.sum(axis=1, keepdims=True)
-    total[total == 0] = 1.0
-    chances = weights[people, ranked] / total
-    return ranked, chances.T
 
 
 def _actionable_ancestors(scm: StructuralCausalModel) -> BoolArray:
