@@ -186,9 +186,10 @@ def feature_cost(delta, weight, denominator, l1, sparsity, soft_limit, soft_pena
     size = abs(delta)
     per_feature = weight / denominator
     per_feature *= size if l1 else delta * delta
-    beyond = size - soft_limit
-    if beyond < 0.0:  # not max(): numpy's keeps a nan
-        beyond = 0.0
     per_feature += sparsity
-    per_feature += beyond * soft_penalty
+    if soft_limit < np.inf:  # inf: no soft limit (else an infinite change would give nan)
+        beyond = size - soft_limit
+        if beyond < 0.0:  # not max(): numpy's keeps a nan
+            beyond = 0.0
+        per_feature += beyond * soft_penalty
     return per_feature

@@ -70,14 +70,14 @@ def verify_action(
         if name in constraints.locks:
             failures.append(f"{name!r} is locked but the action sets it")
         lower, upper = constraints.bounds.get(name, (var.lower, var.upper))
-        if not lower - tol <= value <= upper + tol:
+        if not (np.isfinite(value) and lower - tol <= value <= upper + tol):  # tol: inf for inf
             failures.append(f"{name!r} is set to {value}, outside [{lower}, {upper}]")
         direction = constraints.directions.get(name)
         if direction == "increase" and value < current - tol:
             failures.append(f"{name!r} may only increase, but goes {current} -> {value}")
         if direction == "decrease" and value > current + tol:
             failures.append(f"{name!r} may only decrease, but goes {current} -> {value}")
-        if var.type is not VariableType.CONTINUOUS and value != round(value):
+        if var.type is not VariableType.CONTINUOUS and value != np.round(value):  # nan too
             failures.append(f"{name!r} is {var.type.value} but is set to {value}")
     for feature, levels in scm.one_hot.items():
         block = [float(counterfactual[scm.index[level]]) for level in levels]
@@ -207,7 +207,8 @@ def _hard_constraints(
                 continue
             acted += 1
             v = values[r, columns[k]]
-            tol = (abs(v) + 1.0) * _TOLERANCE
-            holds &= not locked[r, k] and lower[r, k] - tol <= v <= upper[r, k] + tol
+            tol = (abs(v) + 1.0) * _TOLERANCE  # inf for inf, which is never inside
+            inside = np.isfinite(v) and lower[r, k] - tol <= v <= upper[r, k] + tol
+            holds &= not locked[r, k] and inside
             holds &= not integral[k] or v == np.round(v)
         ok[r] = holds and acted <= max_changes[r]

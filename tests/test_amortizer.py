@@ -2,7 +2,8 @@
 
 A small amortizer is distilled from exact labels of 160 Loan people (logistic regression,
 ``mixed`` elicitation) once per session; the hard-constraint properties are also checked
-on untrained (random) networks, since they must hold whatever the weights.
+on untrained (random) networks, since they must hold whatever the weights. The compiled
+small-batch path is checked with both, on Loan and GSMC with either classifier.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -42,17 +44,22 @@ from models.elicitation import PreferenceElicitor
 from models.preferences import ConstraintArrays, parse_constraints
 from models.scm import VariableType
 from solver.amortized import (
+    MAX_PATTERNS,
     SECANT_TOLERANCE,
+    SMALL_BATCH,
+    AmortizedBatch,
     AmortizedSolver,
     AmortizerMismatchError,
+    _top_patterns,
     read_labels,
     train_amortizer,
 )
 from solver.cli import main
 from solver.engine import RecourseSolver
 from solver.labels import LabelJob, run_job, sample_population
+from solver.line_search import SearchModel, small_batch
 from solver.milp import SolveStatus
-from solver.verify import verify_action
+from solver.verify import hard_constraints_hold, verify_action
 
 TINY_GRID = (Hyperparameters(hidden=(32,), ensemble=2, max_epochs=80, patience=10),)
 
@@ -126,20 +133,24 @@ def random_amortizer(
     loan_spec: AmortizerSpec, dataset: str, kind: str, seed: int, *, constraint_inputs: bool = True
 ) -> Amortizer:
     """A random network with one hidden layer on Loan's spec, or the same architecture over
-    another dataset's features."""
-    spec = dataclasses.replace(loan_spec, constraint_inputs=constraint_inputs)
+    another dataset's features, for the classifier ``kind``."""
     scm, clf = load_scm(dataset), load_classifier(dataset, kind)
+    spec = dataclasses.replace(
+        loan_spec,
+        constraint_inputs=constraint_inputs,
+        classifier=kind,
+        classifier_hash=clf.content_hash(),
+        mean=clf.mean,
+        scale=clf.scale,
+    )
     if dataset != "loan":
         columns = [scm.index[n] for n in scm.actionable]
         spec = dataclasses.replace(
             spec,
             dataset=dataset,
             scm_hash=scm.content_hash(),
-            classifier_hash=clf.content_hash(),
             feature_names=scm.names,
             actionable=scm.actionable,
-            mean=clf.mean,
-            scale=clf.scale,
             integer=np.array(
                 [scm.variables[j].type is not VariableType.CONTINUOUS for j in columns]
             ),
@@ -369,6 +380,162 @@ def test_line_search_lands_on_the_boundary_when_the_features_are_right(
         excess = batch.cost[same] - optimum
         assert ((excess <= 3 * SECANT_TOLERANCE * optimum) | (excess <= 2e-3)).all()
         assert (excess >= -1e-6 * optimum).all()
+
+
+# -- the small-batch path ----------------------------------------------------------------
+
+SEARCHED = [("loan", "lr"), ("loan", "mlp"), ("gsmc", "lr"), ("gsmc", "mlp")]
+
+
+def searching_solver(trained: Amortizer, dataset: str, kind: str) -> AmortizedSolver:
+    """The trained amortizer on Loan's logistic regression; elsewhere a random network,
+    whose poor proposals send the search to its scans, corners and fallbacks."""
+    if (dataset, kind) == ("loan", "lr"):
+        amortizer = trained
+    else:
+        amortizer = random_amortizer(trained.spec, dataset, kind, 4)
+    return AmortizedSolver(amortizer, load_scm(dataset), load_classifier(dataset, kind))
+
+
+def in_batches(n: int, size: int) -> list[np.ndarray]:
+    return [np.arange(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def search_inputs(solver: AmortizedSolver, x: np.ndarray, arrays: ConstraintArrays) -> tuple:
+    """What :meth:`AmortizedSolver.predict` hands :func:`small_batch` besides the tables:
+    the people, their noise and constraints, the network's ranked patterns, their chances
+    and its proposed values."""
+    scores = solver.amortizer.scores(x, arrays)
+    ranked, chances = _top_patterns(scores.logits, MAX_PATTERNS)
+    return x, solver.scm.abduct_noise(x), arrays, ranked, chances.T, scores.changed
+
+
+def fallback_answers(solver: AmortizedSolver, x: np.ndarray, arrays: ConstraintArrays):
+    """Per person the best pattern's proposal, which the search returns where it accepts
+    nothing: the search run with a margin of inf, which accepts nothing."""
+    never = SearchModel.of(solver.scm, solver.classifier, margin=np.inf)
+    return small_batch(never, solver._small_tables, *search_inputs(solver, x, arrays))
+
+
+def network_pass_bits(
+    solver: AmortizedSolver, x: np.ndarray, arrays: ConstraintArrays, size: int
+) -> list[bytes]:
+    """Per person the bits of the network's pass over batches of ``size`` people."""
+    bits = []
+    for rows in in_batches(len(x), size):
+        logits, changed = solver.amortizer.scores(x[rows], arrays.take(rows))
+        bits += [a.tobytes() + b.tobytes() for a, b in zip(logits, changed, strict=True)]
+    return bits
+
+
+class SmallBatchAnswers(NamedTuple):
+    solver: AmortizedSolver
+    x: np.ndarray
+    people: list
+    arrays: ConstraintArrays
+    answers: dict[int, AmortizedBatch]
+    """The answers of :meth:`AmortizedSolver.predict` called on batches of each size."""
+
+
+@pytest.fixture(scope="module", params=SEARCHED, ids=["-".join(case) for case in SEARCHED])
+def small_batch_answers(trained: Amortizer, request: pytest.FixtureRequest) -> SmallBatchAnswers:
+    dataset, kind = request.param
+    solver = searching_solver(trained, dataset, kind)
+    _, _, x, people = people_and_constraints(dataset, kind, 672, 21)
+    arrays = ConstraintArrays.from_constraints(solver.scm, x, people)
+    answers = {
+        size: AmortizedBatch.concatenate(
+            [solver.predict(x[rows], arrays.take(rows)) for rows in in_batches(len(x), size)]
+        )
+        for size in (1, 7, SMALL_BATCH)
+    }
+    return SmallBatchAnswers(solver, x, people, arrays, answers)
+
+
+def test_small_batches_keep_the_hard_constraints_and_verify_truthfully(
+    small_batch_answers: SmallBatchAnswers,
+) -> None:
+    solver, x, people, _, answers = small_batch_answers
+    scm, clf, cost = solver.scm, solver.classifier, solver.cost
+    noise = scm.abduct_noise(x)
+    for batch in answers.values():
+        assert_hard_constraints(scm, x, people, batch.intervene, batch.values)
+        for i, person in enumerate(people):
+            one = verify_action(
+                scm, clf, cost, x[i], noise[i], person, batch.intervene[i], batch.values[i]
+            )
+            # Only the classifier may refuse an answer; verified means verified.
+            assert all(f.startswith("the classifier's probability") for f in one.failures)
+            assert batch.verified[i] == (one.verified and batch.intervene[i].any()), i
+            assert batch.cost[i] == pytest.approx(one.cost, rel=1e-12, abs=0.0), i
+            assert batch.counterfactual[i].tobytes() == one.counterfactual.tobytes()
+    assert 0.3 < answers[SMALL_BATCH].verified.mean() < 1.0
+
+
+def test_small_batches_answer_as_one_person_alone(small_batch_answers: SmallBatchAnswers) -> None:
+    # Wherever the network's pass has the same bits for one row as among 48 (BLAS takes
+    # other paths: here for everyone with the random networks, a few people with the
+    # trained one), so do the answers: the search handles people one at a time.
+    solver, x, _, arrays, answers = small_batch_answers
+    one_row, many_rows = (network_pass_bits(solver, x, arrays, size) for size in (1, SMALL_BATCH))
+    same_scores = np.array([a == b for a, b in zip(one_row, many_rows, strict=True)])
+    alone, together = answers[1].take(same_scores), answers[SMALL_BATCH].take(same_scores)
+    assert_same_bits((alone.intervene, alone.values), (together.intervene, together.values))
+
+
+def test_small_batch_acceptance_agrees_with_the_real_classifier(
+    small_batch_answers: SmallBatchAnswers,
+) -> None:
+    # Verified answers are accepted by the real classifier, and those the search found
+    # (not the best pattern's proposal, returned where it accepted nothing) by its margin,
+    # up to the rounding of its float64 layers with the standardization folded in.
+    solver, x, _, arrays, answers = small_batch_answers
+    clf, columns, batch = solver.classifier, solver.columns, answers[SMALL_BATCH]
+    fallback = [
+        fallback_answers(solver, x[rows], arrays.take(rows))
+        for rows in in_batches(len(x), SMALL_BATCH)
+    ]
+    fallback_mask = np.concatenate([mask for mask, _ in fallback])
+    fallback_values = np.where(
+        fallback_mask, np.concatenate([values for _, values in fallback]), x[:, columns]
+    )
+    is_fallback = (batch.intervene[:, columns] == fallback_mask).all(axis=1) & (
+        batch.values[:, columns].view(np.uint64) == fallback_values.view(np.uint64)
+    ).all(axis=1)
+    logit = clf.logit(batch.counterfactual)
+    assert (logit[batch.verified] >= clf.logit_threshold).all()
+    searched = batch.verified & ~is_fallback
+    assert searched.sum() >= 0.2 * len(x)
+    assert (logit[searched] >= clf.logit_threshold + solver.margin - 1e-9).all()
+
+
+@pytest.mark.parametrize(("dataset", "kind"), SEARCHED)
+def test_the_small_batch_search_answers_each_person_alone(
+    trained: Amortizer, dataset: str, kind: str
+) -> None:
+    solver = searching_solver(trained, dataset, kind)
+    scm, _, x, people = people_and_constraints(dataset, kind, 240, 22)
+    arrays = with_edge_cases(
+        x[:, solver.columns], ConstraintArrays.from_constraints(scm, x, people), 22
+    )
+    inputs = search_inputs(solver, x, arrays)
+
+    def search(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        part = [a.take(rows) if isinstance(a, ConstraintArrays) else a[rows] for a in inputs]
+        return small_batch(solver._search_model, solver._small_tables, *part)
+
+    everyone = search(np.arange(len(x)))
+    for size in (1, 7, SMALL_BATCH):
+        parts = [search(rows) for rows in in_batches(len(x), size)]
+        assert_same_bits(tuple(np.concatenate(a) for a in zip(*parts, strict=True)), everyone)
+    mask, values = everyone
+    assert mask.any(axis=1).mean() > 0.5
+    # Within these constraints too (unbounded, empty or excluding the current value).
+    intervene = np.zeros(x.shape, dtype=bool)
+    intervene[:, solver.columns] = mask
+    full_values = x.copy()
+    full_values[:, solver.columns] = values
+    assert hard_constraints_hold(scm, arrays, intervene, full_values).all()
 
 
 # -- training ----------------------------------------------------------------------------
