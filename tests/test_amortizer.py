@@ -50,7 +50,6 @@ from solver.amortized import (
     AmortizedBatch,
     AmortizedSolver,
     AmortizerMismatchError,
-    _top_patterns,
     read_labels,
     train_amortizer,
 )
@@ -406,8 +405,8 @@ def search_inputs(solver: AmortizedSolver, x: np.ndarray, arrays: ConstraintArra
     the people, their noise and constraints, the network's ranked patterns, their chances
     and its proposed values."""
     scores = solver.amortizer.scores(x, arrays)
-    ranked, chances = _top_patterns(scores.logits, MAX_PATTERNS)
-    return x, solver.scm.abduct_noise(x), arrays, ranked, chances.T, scores.changed
+    ranked, chances = scores.top(MAX_PATTERNS)
+    return x, solver.scm.abduct_noise(x), arrays, ranked, chances, scores.changed
 
 
 def fallback_answers(solver: AmortizedSolver, x: np.ndarray, arrays: ConstraintArrays):
