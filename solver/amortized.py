@@ -8,7 +8,8 @@ For a batch of people (:meth:`AmortizedSolver.predict`, no Python loop over peop
    person's interval, to the smallest ``|t|`` (either direction) whose counterfactual the
    classifier accepts: the distilled values sit on the decision boundary, where half of
    any regression's answers would fall short. Small batches search each line in compiled
-   code (:mod:`solver.line_search`: outwards over a few scales, then regula falsi);
+   code (:mod:`solver.line_search`: the secant from the proposal, a scan where that
+   brackets nothing, then regula falsi);
    large ones, vectorized in float32, start from the proposal and its reverse
    (``t = 1, -1``) and extend the secant through ``t = 0`` and the rising side, with a
    grid only for the rows still unbracketed. Regula falsi on the classifier's logit then
@@ -68,6 +69,7 @@ from models.scm import StructuralCausalModel, VariableType
 from solver.engine import EngineOptions, RecourseSolver
 from solver.labels import package_version
 from solver.line_search import (
+    EXTRAPOLATIONS,
     SECANT_AIM,
     SECANT_TOLERANCE,
     SearchModel,
@@ -97,8 +99,6 @@ LARGE_STAGES = (
 extremes (at least :data:`GRID_REACH` either way) and nowhere nearer. A row rejected even
 there is taken as out of reach (on the held-out Loan and GSMC people of every scheme,
 validity and cost figures are the same as with the intermediate scales tried)."""
-EXTRAPOLATIONS = 3
-"""Large batches: secant steps past a rejected proposal before falling back to the grid."""
 EXTRAPOLATION_LIMIT = 32.0
 """Large batches: the largest scale reached by extending the secant; rows needing more
 go to the grid, which also looks the other way."""

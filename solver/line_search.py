@@ -1,12 +1,14 @@
-"""The amortizer's line search, compiled: per line, the smallest scale either way whose
-counterfactual the classifier accepts.
+"""The amortizer's small-batch path, compiled: per person, the candidate patterns' lines
+searched for the smallest scale either way whose counterfactual the classifier accepts,
+and the cheapest accepted answer kept.
 
 A line is an action pattern and a proposed change: the actionable features take
 ``start + t step``, clipped into the person's interval and rounded where they must be
 whole, and the rest of the row follows through the causal model. Searching one line is a
-handful of dependent evaluations (a scan outwards, then regula falsi), each a pass through
-the causal model's program and the classifier's layers: numpy would pay a call per
-operation on a single row, so the whole search runs in one jitted loop over the lines.
+handful of dependent evaluations (the secant from the proposal, an outward scan where
+that brackets nothing, then regula falsi), each a pass through the causal model's
+program and the classifier's layers: numpy would pay a call per operation on a single
+row, so everything runs in one jitted loop over the people.
 
 The classifier here is the real one with its standardization folded into the first layer
 (float64), so its logit can differ from :meth:`Classifier.logit` in the last bits; the
@@ -154,7 +156,7 @@ def small_batch(
             constraints.weight,
             constraints.soft_limit,
             constraints.soft_penalty,
-        ),  # fmt: skip
+        ),
         np.ascontiguousarray(ranked),
         np.ascontiguousarray(chances),
         np.ascontiguousarray(changed),
@@ -179,6 +181,9 @@ def _small_batch(
     k_count = len(columns)
     slots = np.empty(2 * f)
     values = np.empty(f)
+    # Reused for every line: the row's slots (features, noise), the program's stack, the
+    # intervention's values, two rows of layer activations, one-hot counts, the brackets
+    # (lo, lo gap, hi, hi gap per direction), the intervention mask, dropped features.
     scratch = (
         slots,
         np.empty(depth),
