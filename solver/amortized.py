@@ -74,6 +74,7 @@ from solver.line_search import (
     SECANT_TOLERANCE,
     SearchModel,
     SmallBatchTables,
+    line_counterfactuals,
     small_batch,
 )
 from solver.milp import SolveStatus
@@ -483,19 +484,6 @@ class AmortizedSolver:
         t[row_of[kept]] = sign[kept] * size[kept]
         return t
 
-    def _rows_at(
-        self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray
-    ) -> tuple[FloatArray, FloatArray, FloatArray]:
-        """Line rows ``rows``' factual rows (a copy), noise, and actionable values at scales
-        ``t``, projected: one gather for all of a row's numbers."""
-        packed = line.table[rows]
-        f, k = line.x.shape[1], len(self.columns)
-        start, step, lower, upper = (
-            packed[:, 2 * f + i * k : 2 * f + (i + 1) * k] for i in range(4)
-        )
-        values = project_values(self.amortizer.spec, start + t[:, None] * step, lower, upper)
-        return packed[:, :f], packed[:, f : 2 * f], values
-
     def _secant_bracket(
         self, line: _Line, zero_gap: FloatArray
     ) -> tuple[_Bracket, FloatArray, npt.NDArray[np.int64]]:
@@ -598,11 +586,14 @@ class AmortizedSolver:
 
     def _gaps(self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray) -> FloatArray:
         """:meth:`_gap` of line row ``rows[i]`` at scale ``t[i]``."""
-        values, noise, actionable = self._rows_at(line, rows, t)
-        values[:, self.columns] = actionable
-        # Only the shape of the factual rows matters once the noise is given.
-        counterfactual = self.scm.propagate_counterfactual(
-            values, line.intervene[rows], values, noise
+        counterfactual = line_counterfactuals(
+            self.scm.program,
+            line.table,
+            line.intervene,
+            rows,
+            t,
+            self.columns,
+            self.amortizer.spec.integer,
         )
         return self._gap(counterfactual)
 
@@ -610,7 +601,7 @@ class AmortizedSolver:
         """The classifier's float32 logit minus the acceptance threshold (>= 0: accepted),
         with a margin above its rounding: the answers are verified in float64."""
         threshold = self.classifier.logit_threshold + self.margin
-        logit = self._fast_classifier.forward(rows.astype(np.float32))[:, 0]
+        logit = self._fast_classifier.forward(rows.astype(np.float32, copy=False))[:, 0]
         return logit.astype(float) - (threshold + FLOAT32_MARGIN)
 
     # -- answers with repair -----------------------------------------------------------

@@ -29,7 +29,7 @@ from models.amortizer import CHANGE, NOT_ACTED
 from models.classifiers import Classifier
 from models.costs import feature_cost
 from models.preferences import ConstraintArrays
-from models.programs import ModelProgram, propagate_one
+from models.programs import BLOCK, ModelProgram, propagate_one, run_program
 from models.scm import StructuralCausalModel
 
 FloatArray = npt.NDArray[np.float64]
@@ -445,3 +445,54 @@ def _gap(model, scratch, row, t):
                 out[o] = max(out[o], 0.0)
         current = out
     return current[0] - threshold
+
+
+def line_counterfactuals(
+    program: ModelProgram,
+    table: FloatArray,
+    intervene: BoolArray,
+    rows: IntArray,
+    t: FloatArray,
+    columns: IntArray,
+    integer: BoolArray,
+) -> npt.NDArray[np.float32]:
+    """The large-batch search's evaluation: line row ``rows[i]`` at scale ``t[i]``, its
+    values projected (clipped, whole where required), through the causal model, in float32
+    for the classifier. ``table`` holds per line row its factual row, noise, start, step,
+    lower and upper ends side by side; ``intervene`` its features set."""
+    out = np.empty((len(rows), intervene.shape[1]), dtype=np.float32)
+    _line_counterfactuals(
+        program.value_code, program.depth, table, intervene, rows, t, columns, integer, out
+    )
+    return out
+
+
+@numba.njit(**_JIT)
+def _line_counterfactuals(value_code, depth, table, intervene, rows, t, columns, integer, out):
+    """:func:`line_counterfactuals` into ``out``: gather, projection and propagation fused,
+    a block of rows at a time (the interpreter of :mod:`models.programs`)."""
+    ops, operands, args, consts, value_start = value_code
+    f, k = intervene.shape[1], len(columns)
+    slots = np.empty((2 * f, BLOCK))
+    stack = np.empty((depth, BLOCK))
+    values = np.empty((f, BLOCK))
+    for first in range(0, len(rows), BLOCK):
+        m = min(BLOCK, len(rows) - first)
+        for r in range(m):
+            row = rows[first + r]
+            for j in range(f):
+                slots[f + j, r] = table[row, f + j]
+            for c in range(k):
+                start, step = table[row, 2 * f + c], table[row, 2 * f + k + c]
+                lower, upper = table[row, 2 * f + 2 * k + c], table[row, 2 * f + 3 * k + c]
+                values[columns[c], r] = _projected(start + t[first + r] * step, lower, upper,
+                                                   integer[c])  # fmt: skip
+        for j in range(f):
+            run_program(ops, operands, args, consts, value_start[j], value_start[j + 1],
+                        slots, stack, m)  # fmt: skip
+            for r in range(m):
+                set_here = intervene[rows[first + r], j]
+                slots[j, r] = values[j, r] if set_here else stack[0, r]
+        for r in range(m):
+            for j in range(f):
+                out[first + r, j] = slots[j, r]
