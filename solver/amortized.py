@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -103,6 +105,8 @@ validity and cost figures are the same as with the intermediate scales tried).""
 EXTRAPOLATION_LIMIT = 32.0
 """Large batches: the largest scale reached by extending the secant; rows needing more
 go to the grid, which also looks the other way."""
+THREADED_PEOPLE = 2048
+"""Batches of at least this many people are split over threads (see :meth:`predict`)."""
 SMALL_BATCH = 48
 """Batches of at most this many people take the small-batch path (the compiled search,
 every candidate's corners from the start); larger ones the vectorized float32 search.
@@ -190,12 +194,16 @@ class AmortizedSolver:
         classifier: Classifier,
         *,
         exact: RecourseSolver | None = None,
+        threads: int | None = None,
     ) -> None:
         spec = amortizer.spec
         check_compatible(spec, scm, classifier)
         self.amortizer, self.scm, self.classifier = amortizer, scm, classifier
         self.cost = CostProfile.for_model(spec.cost, scm, classifier, spec.sparsity)
         self.exact = exact
+        self.threads = threads or _usable_cores()
+        """Threads a batch of at least :data:`THREADED_PEOPLE` is split over (default:
+        the cores this process may use)."""
         self.margin = EngineOptions().margin
         self.columns = spec.actionable_columns
         self._fast_classifier = _folded_float32(classifier)
@@ -225,9 +233,29 @@ class AmortizedSolver:
         cheapest verified answer kept; a person with none gets the patterns not yet tried,
         best first, one at a time, up to :data:`MAX_PATTERNS` in all. A person still failing
         keeps the best pattern's answer.
+
+        A batch of at least :data:`THREADED_PEOPLE` is split into :attr:`threads` equal
+        parts answered side by side: the compiled kernels, the matrix products and numpy's
+        loops over many rows all release the GIL.
         """
         start = time.perf_counter()
         x = np.atleast_2d(np.asarray(x, dtype=float))
+        if len(x) < THREADED_PEOPLE or self.threads == 1:
+            return self._predict(x, constraints, start)
+        parts = np.array_split(np.arange(len(x)), self.threads)
+        with ThreadPoolExecutor(self.threads) as pool:
+            answers = list(
+                pool.map(lambda rows: self._predict(x[rows], constraints.take(rows)), parts)
+            )
+        return dataclasses.replace(
+            AmortizedBatch.concatenate(answers), seconds=time.perf_counter() - start
+        )
+
+    def _predict(
+        self, x: FloatArray, constraints: ConstraintArrays, start: float | None = None
+    ) -> AmortizedBatch:
+        """:meth:`predict` on one thread (``start``: when the call began, for its time)."""
+        start = time.perf_counter() if start is None else start
         n = len(x)
         noise = self.scm.abduct_noise(x)
         scores = self.amortizer.scores(x, constraints)  # one network pass for every rank
@@ -810,6 +838,13 @@ def _actionable_ancestors(scm: StructuralCausalModel) -> BoolArray:
     feature with any such ancestor can be held (kept at its value while they move)."""
     columns = scm.actionable_columns
     return scm.ancestor_matrix()[np.ix_(columns, columns)]
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (all of them where the OS cannot say)."""
+    if hasattr(os, "sched_getaffinity"):  # not on macOS or Windows
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _plus_seconds(info: SolverInfo, seconds: float) -> SolverInfo:

@@ -47,6 +47,7 @@ from solver.amortized import (
     MAX_PATTERNS,
     SECANT_TOLERANCE,
     SMALL_BATCH,
+    THREADED_PEOPLE,
     AmortizedBatch,
     AmortizedSolver,
     AmortizerMismatchError,
@@ -325,6 +326,19 @@ def test_trained_model_keeps_constraints_and_verifies_on_thousands(trained: Amor
             assert check.cost == pytest.approx(batch.cost[i], rel=1e-9, abs=1e-12)
             assert check.probability >= clf.threshold
     assert batch.verified.mean() > 0.8  # a tiny model, but it has learned something
+
+
+def test_a_batch_split_over_threads_answers_as_its_parts_alone(trained: Amortizer) -> None:
+    n = 2 * THREADED_PEOPLE + 3
+    scm, clf, x, people = people_and_constraints("loan", "lr", n, 11)
+    arrays = ConstraintArrays.from_constraints(scm, x, people)
+    threaded = AmortizedSolver(trained, scm, clf, threads=2).predict(x, arrays)
+    serial = AmortizedSolver(trained, scm, clf, threads=1)
+    parts = [serial.predict(x[rows], arrays.take(rows)) for rows in np.array_split(np.arange(n), 2)]
+    expected = AmortizedBatch.concatenate(parts)
+    for name in ("intervene", "values", "counterfactual", "probability", "cost", "verified"):
+        assert getattr(threaded, name).tobytes() == getattr(expected, name).tobytes(), name
+    assert_hard_constraints(scm, x, people, threaded.intervene, threaded.values)
 
 
 # -- never an invalid answer -------------------------------------------------------------
