@@ -76,7 +76,8 @@ from solver.line_search import (
     SECANT_TOLERANCE,
     SearchModel,
     SmallBatchTables,
-    line_counterfactuals,
+    line_gaps,
+    row_gaps,
     small_batch,
 )
 from solver.milp import SolveStatus
@@ -206,7 +207,6 @@ class AmortizedSolver:
         the cores this process may use)."""
         self.margin = EngineOptions().margin
         self.columns = spec.actionable_columns
-        self._fast_classifier = _folded_float32(classifier)
         self._search_model = SearchModel.of(scm, classifier, self.margin)
         self._ancestor = _actionable_ancestors(scm)
         self._small_tables = SmallBatchTables(
@@ -614,23 +614,21 @@ class AmortizedSolver:
 
     def _gaps(self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray) -> FloatArray:
         """:meth:`_gap` of line row ``rows[i]`` at scale ``t[i]``."""
-        counterfactual = line_counterfactuals(
-            self.scm.program,
+        return line_gaps(
+            self._search_model,
             line.table,
             line.intervene,
             rows,
             t,
             self.columns,
             self.amortizer.spec.integer,
+            self._search_model.threshold + FLOAT32_MARGIN,
         )
-        return self._gap(counterfactual)
 
     def _gap(self, rows: FloatArray) -> FloatArray:
         """The classifier's float32 logit minus the acceptance threshold (>= 0: accepted),
         with a margin above its rounding: the answers are verified in float64."""
-        threshold = self.classifier.logit_threshold + self.margin
-        logit = self._fast_classifier.forward(rows.astype(np.float32, copy=False))[:, 0]
-        return logit.astype(float) - (threshold + FLOAT32_MARGIN)
+        return row_gaps(self._search_model, rows, self._search_model.threshold + FLOAT32_MARGIN)
 
     # -- answers with repair -----------------------------------------------------------
 
@@ -807,30 +805,6 @@ def _secant_root(
         rising, np.minimum(np.maximum(-lo_gap / np.where(rising, rise, 1.0), 0.0), 1.0), 1.0
     )
     return lo + share * (hi - lo)
-
-
-@dataclass(frozen=True, eq=False)
-class _Float32Network:
-    layers: tuple[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]], ...]
-
-    def forward(self, a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        for weights, bias in self.layers[:-1]:
-            a = a @ weights
-            a += bias  # in place: these arrays are the line search's largest
-            np.maximum(a, np.float32(0), out=a)
-        weights, bias = self.layers[-1]
-        return a @ weights + bias
-
-
-def _folded_float32(classifier: Classifier) -> _Float32Network:
-    """The classifier in float32 with its standardization folded into the first layer."""
-    layers = [(layer.weights, layer.bias) for layer in classifier.layers]
-    first, bias = layers[0]
-    layers[0] = (
-        first / classifier.scale[:, None],
-        bias - (classifier.mean / classifier.scale) @ first,
-    )
-    return _Float32Network(tuple((w.astype(np.float32), b.astype(np.float32)) for w, b in layers))
 
 
 def _actionable_ancestors(scm: StructuralCausalModel) -> BoolArray:

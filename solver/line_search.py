@@ -18,6 +18,7 @@ afterwards by :func:`solver.verify.verify_actions` with the real classifier.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -69,6 +70,12 @@ class SearchModel:
     one_hot: IntArray
     """Per feature its one-hot group (0, 1, ...) or -1: a group must have exactly one 1."""
     groups: int
+
+    @functools.cached_property
+    def network32(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], IntArray]:
+        """The layers in float32, for the large-batch search (many rows: 8 lanes a
+        vector)."""
+        return self.weights.astype(np.float32), self.biases.astype(np.float32), self.widths
 
     @classmethod
     def of(cls, scm: StructuralCausalModel, classifier: Classifier, margin: float) -> SearchModel:
@@ -447,35 +454,49 @@ def _gap(model, scratch, row, t):
     return current[0] - threshold
 
 
-def line_counterfactuals(
-    program: ModelProgram,
+def line_gaps(
+    model: SearchModel,
     table: FloatArray,
     intervene: BoolArray,
     rows: IntArray,
     t: FloatArray,
     columns: IntArray,
     integer: BoolArray,
-) -> npt.NDArray[np.float32]:
+    threshold: float,
+) -> FloatArray:
     """The large-batch search's evaluation: line row ``rows[i]`` at scale ``t[i]``, its
-    values projected (clipped, whole where required), through the causal model, in float32
-    for the classifier. ``table`` holds per line row its factual row, noise, start, step,
-    lower and upper ends side by side; ``intervene`` its features set."""
-    out = np.empty((len(rows), intervene.shape[1]), dtype=np.float32)
-    _line_counterfactuals(
-        program.value_code, program.depth, table, intervene, rows, t, columns, integer, out
-    )
-    return out
+    values projected (clipped, whole where required), through the causal model and the
+    classifier in float32: its logit minus ``threshold`` (>= 0: accepted). ``table``
+    holds per line row its factual row, noise, start, step, lower and upper ends side by
+    side; ``intervene`` its features set."""
+    gaps = np.empty(len(rows))
+    _line_gaps(
+        model.program.value_code, model.program.depth, model.network32, table, intervene,
+        rows, t, columns, integer, threshold, gaps,
+    )  # fmt: skip
+    return gaps
+
+
+def row_gaps(model: SearchModel, x: FloatArray, threshold: float) -> FloatArray:
+    """The classifier's float32 logit of rows ``x`` minus ``threshold``, as
+    :func:`line_gaps` computes it."""
+    gaps = np.empty(len(x))
+    _row_gaps(model.network32, np.ascontiguousarray(x, dtype=float), threshold, gaps)
+    return gaps
 
 
 @numba.njit(**_JIT)
-def _line_counterfactuals(value_code, depth, table, intervene, rows, t, columns, integer, out):
-    """:func:`line_counterfactuals` into ``out``: gather, projection and propagation fused,
-    a block of rows at a time (the interpreter of :mod:`models.programs`)."""
+def _line_gaps(
+    value_code, depth, network, table, intervene, rows, t, columns, integer, threshold, gaps
+):  # fmt: skip
+    """:func:`line_gaps` into ``gaps``: gather, projection, propagation and the layers
+    fused, a block of rows at a time (the interpreter of :mod:`models.programs`)."""
     ops, operands, args, consts, value_start = value_code
     f, k = intervene.shape[1], len(columns)
     slots = np.empty((2 * f, BLOCK))
     stack = np.empty((depth, BLOCK))
     values = np.empty((f, BLOCK))
+    activations = np.empty((2, network[2].max(), BLOCK), dtype=np.float32)
     for first in range(0, len(rows), BLOCK):
         m = min(BLOCK, len(rows) - first)
         for r in range(m):
@@ -493,6 +514,46 @@ def _line_counterfactuals(value_code, depth, table, intervene, rows, t, columns,
             for r in range(m):
                 set_here = intervene[rows[first + r], j]
                 slots[j, r] = values[j, r] if set_here else stack[0, r]
-        for r in range(m):
-            for j in range(f):
-                out[first + r, j] = slots[j, r]
+        for j in range(f):
+            for r in range(m):
+                activations[1, j, r] = slots[j, r]
+        _layers(network, activations, m, threshold, gaps[first : first + m])
+
+
+@numba.njit(**_JIT)
+def _row_gaps(network, x, threshold, gaps):
+    """:func:`row_gaps` into ``gaps``, a block of rows at a time."""
+    activations = np.empty((2, network[2].max(), BLOCK), dtype=np.float32)
+    for first in range(0, len(x), BLOCK):
+        m = min(BLOCK, len(x) - first)
+        for j in range(x.shape[1]):
+            for r in range(m):
+                activations[1, j, r] = x[first + r, j]
+        _layers(network, activations, m, threshold, gaps[first : first + m])
+
+
+@numba.njit(**_JIT)
+def _layers(network, activations, m, threshold, gaps):
+    """The classifier on the first ``m`` columns of ``activations[1]`` (one row per
+    input), ReLU between layers, layer l writing ``activations[l % 2]``; ``gaps``: the
+    logits minus ``threshold``. The loops run along the rows, 8 float32 lanes at once."""
+    weights, biases, widths = network
+    last = len(widths) - 2
+    for layer in range(last + 1):
+        source, target = activations[(layer + 1) % 2], activations[layer % 2]
+        for o in range(widths[layer + 1]):
+            bias = biases[layer, o]
+            for r in range(m):
+                target[o, r] = bias
+        for i in range(widths[layer]):
+            for o in range(widths[layer + 1]):
+                weight = weights[layer, i, o]
+                for r in range(m):
+                    target[o, r] += source[i, r] * weight
+        if layer < last:
+            for o in range(widths[layer + 1]):
+                for r in range(m):
+                    target[o, r] = max(target[o, r], np.float32(0.0))
+    logits = activations[last % 2]
+    for r in range(m):
+        gaps[r] = np.float64(logits[0, r]) - threshold
