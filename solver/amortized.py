@@ -106,8 +106,10 @@ validity and cost figures are the same as with the intermediate scales tried).""
 EXTRAPOLATION_LIMIT = 32.0
 """Large batches: the largest scale reached by extending the secant; rows needing more
 go to the grid, which also looks the other way."""
-THREADED_PEOPLE = 2048
-"""Batches of at least this many people are split over threads (see :meth:`predict`)."""
+THREADED_PEOPLE = 8192
+"""Batches of at least this many people are split over threads (see :meth:`predict`).
+Measured on Loan and GSMC with two cores: two threads pay from about 8,000 people; below,
+handing the GIL back and forth between numpy's short calls costs more than they save."""
 SMALL_BATCH = 48
 """Batches of at most this many people take the small-batch path (the compiled search,
 every candidate's corners from the start); larger ones the vectorized float32 search.
