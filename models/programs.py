@@ -1,16 +1,18 @@
-"""Structural equations compiled to flat stack programs, run row by row by numba.
+"""Structural equations compiled to flat stack programs, run by numba.
 
 A causal model's numerics (generating, abducting noise, propagating an intervention)
 apply a handful of scalar operations per variable. With numpy, each is a call with a
 fixed cost of about a microsecond: on the few rows of one person's checks, that overhead
-is nearly all the time. Here every equation becomes a short program of opcodes over a
-slot vector (slot k: variable k; slot ``num_features + k``: its noise), and one jitted
-loop runs the whole model per row, fused, with no temporaries.
+is nearly all the time. Here every equation becomes a short program of opcodes over
+slots (slot k: variable k; slot ``num_features + k``: its noise), and one jitted call
+runs the whole model: over a block of rows at a time, one opcode over the whole block
+(:func:`run_program`), or over one row (:func:`run_scalar`, for the compiled searches).
 
 The programs are built from the whitelisted :class:`~models.expressions.Expr` trees,
 never from text; the interpreter knows only the opcodes below. Its arithmetic follows
 numpy's (inf and nan instead of exceptions; ``max``/``min`` propagate nan), so values
-agree with :func:`~models.expressions.evaluate` to the last bits of the math library.
+agree with :func:`~models.expressions.evaluate` to the last bits of the math library,
+and the two interpreters agree bit for bit.
 """
 
 from __future__ import annotations
