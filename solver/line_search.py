@@ -10,10 +10,15 @@ that brackets nothing, then regula falsi), each a pass through the causal model'
 program and the classifier's layers: numpy would pay a call per operation on a single
 row, so everything runs in one jitted loop over the people.
 
+Large batches search in numpy, vectorized over many lines; their evaluation, a step of
+many rows, is compiled here too (:func:`line_gaps`: gather, projection, propagation and
+the classifier in float32, a block of rows at a time).
+
 The classifier here is the real one with its standardization folded into the first layer
-(float64), so its logit can differ from :meth:`Classifier.logit` in the last bits; the
-search accepts only above the threshold plus a margin, and every answer is verified
-afterwards by :func:`solver.verify.verify_actions` with the real classifier.
+(float64, or float32 for large batches), so its logit can differ from
+:meth:`Classifier.logit` in the last bits; the searches accept only above the threshold
+plus a margin, and every answer is verified afterwards by
+:func:`solver.verify.verify_actions` with the real classifier.
 """
 
 from __future__ import annotations
