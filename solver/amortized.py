@@ -71,12 +71,13 @@ from models.scm import StructuralCausalModel, VariableType
 from solver.engine import EngineOptions, RecourseSolver
 from solver.labels import package_version
 from solver.line_search import (
-    EXTRAPOLATIONS,
-    SECANT_AIM,
-    SECANT_TOLERANCE,
+    Lines,
     SearchModel,
     SmallBatchTables,
+    cheapest_rows,
+    extrapolate,
     line_gaps,
+    refine_brackets,
     row_gaps,
     small_batch,
 )
@@ -103,19 +104,14 @@ LARGE_STAGES = (
 extremes (at least :data:`GRID_REACH` either way) and nowhere nearer. A row rejected even
 there is taken as out of reach (on the held-out Loan and GSMC people of every scheme,
 validity and cost figures are the same as with the intermediate scales tried)."""
-EXTRAPOLATION_LIMIT = 32.0
-"""Large batches: the largest scale reached by extending the secant; rows needing more
-go to the grid, which also looks the other way."""
 THREADED_PEOPLE = 8192
 """Batches of at least this many people are split over threads (see :meth:`predict`).
 Measured on Loan and GSMC with two cores: two threads pay from about 8,000 people; below,
 handing the GIL back and forth between numpy's short calls costs more than they save."""
-SMALL_BATCH = 48
+SMALL_BATCH = 32
 """Batches of at most this many people take the small-batch path (the compiled search,
 every candidate's corners from the start); larger ones the vectorized float32 search.
-The two cost the same per person at 50-60 people on Loan and GSMC."""
-SECANT_ROUNDS = 6
-"""Most refinements of a bracket by the secant of its logits (regula falsi)."""
+The two cost the same per person at 25-35 people on Loan and GSMC."""
 CANDIDATE_PATTERNS = 4
 """Action patterns tried at once, best first; the cheapest verified answer is kept."""
 OTHER_PATTERN_CHANCE = 0.01
@@ -269,7 +265,9 @@ class AmortizedSolver:
                 self._search_model, self._small_tables, x, noise, constraints, ranked,
                 chances, scores.changed,
             )  # fmt: skip
-            answer = self._verified(x, noise, constraints, self._intervene(mask), values)
+            intervene = self._intervene(mask)
+            full_values = self._full_values(x, intervene, values)
+            answer = self._verified(x, noise, constraints, intervene, full_values)
             return dataclasses.replace(answer, seconds=time.perf_counter() - start)
         chances = chances.T  # rank-major, as the candidates below
         tried = np.zeros((MAX_PATTERNS, n), dtype=bool)
@@ -279,15 +277,17 @@ class AmortizedSolver:
         first = _Candidates(person, ranked[person, ranks], chances[ranks, person] > 0)
         factual_gap = self._gap(x)[person]
         attempt = self._attempt(x, noise, constraints, scores.changed, first, factual_gap)
-        cost = np.full((CANDIDATE_PATTERNS, n), np.inf)
-        cost[ranks, person] = np.where(attempt.verified, attempt.cost, np.inf)
-        row = np.zeros((CANDIDATE_PATTERNS, n), dtype=np.int64)
-        row[ranks, person] = np.arange(len(ranks))
-        best = np.where(np.isfinite(cost).any(axis=0), np.argmin(cost, axis=0), 0)
-        answer = attempt.take(row[best, np.arange(n)])
+        served, found = self._cheapest_verified(attempt, person, np.ones(len(person), bool))
+        # A person none of whose candidates passed keeps the best pattern's answer (its
+        # row is the person's own) and tries the next patterns, one at a time.
+        unserved = np.ones(n, dtype=bool)
+        unserved[served] = False
+        unserved = np.flatnonzero(unserved)
+        answer = AmortizedBatch.concatenate([found, self._checked(attempt.take(unserved))])
+        position = np.empty(n, dtype=np.int64)
+        position[np.concatenate([served, unserved])] = np.arange(n)
+        answer = answer.take(position)
         settled = answer.verified.copy()
-        # A person none of whose candidates passed tries the next patterns; a passing one
-        # is kept where cheaper.
         for rank in range(1, MAX_PATTERNS) if not settled.all() else ():
             failed = np.flatnonzero(~settled & ~tried[rank] & (chances[rank] > 0))
             if not failed.size:
@@ -300,10 +300,11 @@ class AmortizedSolver:
                 _Candidates(failed, ranked[failed, rank], chances[rank, failed] > 0),
                 self._gap(x[failed]),
             )
-            settled[failed[retry.verified]] = True
-            so_far = np.where(answer.verified[failed], answer.cost[failed], np.inf)
-            better = retry.verified & (retry.cost < so_far)
-            answer = answer.updated(failed[better], retry.take(better))
+            served, found = self._cheapest_verified(
+                retry, np.arange(len(failed)), np.ones(len(failed), bool)
+            )
+            settled[failed[served]] = True
+            answer = answer.updated(failed[served], found)
         answer = self._two_feature_vertices(x, noise, constraints, answer)
         return dataclasses.replace(answer, seconds=time.perf_counter() - start)
 
@@ -372,14 +373,12 @@ class AmortizedSolver:
         )
         zero_gap = self._gaps(line, np.arange(len(of)), np.zeros(len(of)))
         t = self._line_search(line, zero_gap)
-        values = self._scaled(line, np.where(np.isnan(t), 0.0, t))
-        corners = self._verified(line.x, line.noise, arrays, line.intervene, values)
-        cost = np.where(corners.verified & ~np.isnan(t), corners.cost, np.inf)
-        # Per person the first corner of the least cost, kept where cheaper than the answer.
-        order = np.lexsort((cost, of))
-        cheapest = order[np.flatnonzero(np.diff(of[order], prepend=-1))]
-        better = cheapest[cost[cheapest] < answer.cost[of[cheapest]]]
-        return answer.updated(of[better], corners.take(better))
+        corners = self._priced(
+            line.x, line.noise, arrays, line.intervene, self._scaled(line, np.nan_to_num(t))
+        )
+        cheaper = ~np.isnan(t) & (corners.cost < answer.cost[of])
+        served, found = self._cheapest_verified(corners, of, cheaper)
+        return answer.updated(served, found)
 
     def _attempt(
         self,
@@ -389,8 +388,8 @@ class AmortizedSolver:
         changed: FloatArray,
         candidates: _Candidates,
         factual_gap: FloatArray,
-    ) -> AmortizedBatch:
-        """Each candidate, line-searched and verified."""
+    ) -> _Priced:
+        """Each candidate, line-searched and priced."""
         person = candidates.person
         x, noise, arrays = x[person], noise[person], constraints.take(person)
         current = x[:, self.columns]
@@ -400,7 +399,7 @@ class AmortizedSolver:
         line = _Line(x, noise, self._intervene(mask), current, step, arrays.lower, arrays.upper)
         t = self._line_search(line, factual_gap)
         values = self._scaled(line, np.where(np.isnan(t), 1.0, t))
-        return self._verified(x, noise, arrays, line.intervene, values)
+        return self._priced(x, noise, arrays, line.intervene, values)
 
     def _proposed_lines(
         self,
@@ -418,6 +417,26 @@ class AmortizedSolver:
         mask &= ~self._no_ops(current, mask, target)
         return mask, np.where(mask, target - current, 0.0)
 
+    def _full_values(self, x: FloatArray, intervene: BoolArray, values: FloatArray) -> FloatArray:
+        """Rows ``x`` with the actionable features set by ``intervene`` at ``values``."""
+        full_values = x.copy()
+        columns = self.columns
+        full_values[:, columns] = np.where(intervene[:, columns], values, x[:, columns])
+        return full_values
+
+    def _priced(
+        self,
+        x: FloatArray,
+        noise: FloatArray,
+        constraints: ConstraintArrays,
+        intervene: BoolArray,
+        values: FloatArray,
+    ) -> _Priced:
+        """The actions setting the actionable features to ``values``, with their costs."""
+        full_values = self._full_values(x, intervene, values)
+        cost = self.cost.costs(self.scm.names, x, intervene, full_values, constraints)
+        return _Priced(x, noise, constraints, intervene, full_values, cost)
+
     def _verified(
         self,
         x: FloatArray,
@@ -426,23 +445,49 @@ class AmortizedSolver:
         intervene: BoolArray,
         values: FloatArray,
     ) -> AmortizedBatch:
-        """The actions setting the actionable features to ``values``, verified."""
-        full_values = x.copy()
-        full_values[:, self.columns] = np.where(
-            intervene[:, self.columns], values, x[:, self.columns]
-        )
+        """The actions setting the features to ``values`` (every column), verified."""
         check = verify_actions(
-            self.scm, self.classifier, self.cost, x, noise, constraints, intervene, full_values
+            self.scm, self.classifier, self.cost, x, noise, constraints, intervene, values
         )
         return AmortizedBatch(
             intervene,
-            full_values,
+            values,
             check.counterfactual,
             check.probability,
             check.cost,
             check.verified & intervene.any(axis=1),
             0.0,
         )
+
+    def _checked(self, priced: _Priced) -> AmortizedBatch:
+        return self._verified(
+            priced.x, priced.noise, priced.constraints, priced.intervene, priced.values
+        )
+
+    def _cheapest_verified(
+        self, priced: _Priced, owner: npt.NDArray[np.int64], eligible: BoolArray
+    ) -> tuple[npt.NDArray[np.int64], AmortizedBatch]:
+        """Per owner, the cheapest of its ``eligible`` rows that passes verification (of
+        equal costs, the first row): each owner's cheapest verified first, its next where
+        that fails, so that most rows are never verified. Returns the owners served and
+        their answers, in that order."""
+        cost = np.where(eligible, priced.cost, np.inf)
+        served, answers = [np.zeros(0, dtype=np.int64)], []
+        done = np.zeros(owner.max(initial=-1) + 1, dtype=bool)
+        while True:
+            cheapest = cheapest_rows(cost, owner)
+            if not cheapest.size:
+                break
+            check = self._checked(priced.take(cheapest))
+            passed = check.verified
+            served.append(owner[cheapest[passed]])
+            answers.append(check.take(passed))
+            done[served[-1]] = True
+            cost[cheapest] = np.inf
+            cost[done[owner]] = np.inf
+        if not answers:
+            return served[0], self._checked(priced.take(served[0]))
+        return np.concatenate(served), AmortizedBatch.concatenate(answers)
 
     def _intervene(self, mask: BoolArray) -> BoolArray:
         intervene = np.zeros((len(mask), len(self.scm.names)), dtype=bool)
@@ -467,45 +512,7 @@ class AmortizedSolver:
         """
         n = len(line.x)
         bracket, sign, row_of = self._secant_bracket(line, zero_gap)
-        lo, lo_gap, hi, hi_gap, found = bracket
-        size = np.where(found, hi, np.inf)  # per bracket, the accepted size so far
-        # The brackets still moving, compacted each round.
-        live = np.flatnonzero(found)
-        lo, lo_gap, hi, hi_gap, sign_live, rows = (
-            a[live] for a in (lo, lo_gap, hi, hi_gap, sign, row_of)
-        )
-        last_moved = np.zeros(len(live), dtype=np.int8)  # 1 hi only, -1 lo only, else 0
-        for _ in range(SECANT_ROUNDS):
-            aim = _secant_root(lo, lo_gap, hi, hi_gap) * (1 + SECANT_AIM)
-            moves = aim < hi * (1 - SECANT_TOLERANCE)
-            size[live] = hi
-            if not moves.any():
-                break
-            live, lo, lo_gap, hi, hi_gap, sign_live, rows, last_moved, aim = (
-                a[moves] for a in (live, lo, lo_gap, hi, hi_gap, sign_live, rows, last_moved, aim)
-            )
-            u = np.clip(aim, lo, hi)[:, None]  # one probe a row: rows are what costs here
-            gap = self._gaps(line, rows, sign_live * u[:, 0])[:, None]
-            ok = gap >= 0
-            # The tightest bracket: the smallest accepted probe, the largest rejected below.
-            every = np.arange(len(live))
-            first_ok = np.argmin(np.where(ok, u, np.inf), axis=1)
-            hi_moves = ok[every, first_ok]
-            new_hi = np.where(hi_moves, u[every, first_ok], hi)
-            below = np.where(~ok & (u < new_hi[:, None]), u, -np.inf)
-            last_no = np.argmax(below, axis=1)
-            lo_moves = below[every, last_no] > lo
-            # Illinois: an end that stays twice has its gap halved, against one-sided
-            # convergence where the logit bends.
-            one_sided = hi_moves != lo_moves
-            lo_gap = np.where(lo_moves, gap[every, last_no], lo_gap)
-            lo_gap *= np.where(one_sided & hi_moves & (last_moved == 1), 0.5, 1.0)
-            hi_gap = np.where(hi_moves, gap[every, first_ok], hi_gap)
-            hi_gap *= np.where(one_sided & lo_moves & (last_moved == -1), 0.5, 1.0)
-            last_moved = np.where(one_sided, np.where(hi_moves, 1, -1), 0).astype(np.int8)
-            lo, hi = np.where(lo_moves, u[every, last_no], lo), new_hi
-        else:
-            size[live] = hi
+        size = refine_brackets(self._search_model, self._lines(line), bracket, sign, row_of)
         # Per line row, the smaller of its brackets' accepted scales.
         smallest = np.full(n, np.inf)
         np.minimum.at(smallest, row_of, size)
@@ -519,8 +526,9 @@ class AmortizedSolver:
     ) -> tuple[_Bracket, FloatArray, npt.NDArray[np.int64]]:
         """Brackets from the proposal and its reverse (scales 1 and -1, one evaluation) and
         the start (0, known). The logit along the line is nearly linear, so where both are
-        rejected the secant on the rising side, extended, is accepted most of the time: up
-        to :data:`EXTRAPOLATIONS` such steps, then the grid for the rows still unbracketed.
+        rejected the secant on the rising side, extended, is accepted most of the time
+        (:func:`~solver.line_search.extrapolate`); the grid serves the rows still
+        unbracketed, only the other way where the rising side ran into its interval ends.
         A row accepted both ways gets a bracket each way; the returned array maps brackets
         to line rows."""
         n = len(zero_gap)
@@ -537,26 +545,14 @@ class AmortizedSolver:
         near, near_gap = one.copy(), np.maximum(gaps[:n], gaps[n:])
         far, far_gap = zero.copy(), zero_gap.copy()
         people = np.flatnonzero(~found & (near_gap > far_gap))
-        for _ in range(EXTRAPOLATIONS):
-            p, gp = near[people], near_gap[people]
-            guess = p - gp * (p - far[people]) / (gp - far_gap[people]) * (1 + SECANT_AIM)
-            within = guess <= EXTRAPOLATION_LIMIT
-            people, guess, p, gp = people[within], guess[within], p[within], gp[within]
-            if not people.size:
-                break
-            gap = self._gaps(line, people, sign[people] * guess)
-            ok = gap >= 0
-            accepted = people[ok]
-            found[accepted] = True
-            lo[accepted], lo_gap[accepted] = p[ok], gp[ok]
-            hi[accepted], hi_gap[accepted] = guess[ok], gap[ok]
-            rises = ~ok & (gap > gp)
-            people, guess, gap = people[rises], guess[rises], gap[rises]
-            far[people], far_gap[people] = near[people], near_gap[people]
-            near[people], near_gap[people] = guess, gap
+        exhausted = extrapolate(
+            self._search_model, self._lines(line), people, (near, near_gap, far, far_gap),
+            sign, (lo, lo_gap, hi, hi_gap, found),
+        )  # fmt: skip
         rest = np.flatnonzero(~found)
         if rest.size:
-            grid, grid_sign = self._grid_bracket(line, rest, zero_gap[rest])
+            direction = np.where(exhausted[rest], -sign[rest], 0.0)
+            grid, grid_sign = self._grid_bracket(line, rest, zero_gap[rest], direction)
             for whole, part in zip((lo, lo_gap, hi, hi_gap, found), grid, strict=True):
                 whole[rest] = part
             sign[rest] = grid_sign
@@ -573,11 +569,16 @@ class AmortizedSolver:
         return bracket, sign, np.concatenate([np.arange(n), both])
 
     def _grid_bracket(
-        self, line: _Line, rows: npt.NDArray[np.int64], zero_gap: FloatArray
+        self,
+        line: _Line,
+        rows: npt.NDArray[np.int64],
+        zero_gap: FloatArray,
+        direction: FloatArray,
     ) -> tuple[_Bracket, FloatArray]:
         """Brackets of line rows ``rows`` from the grid of :data:`LARGE_STAGES`, in the
-        direction whose secant root is nearer 0."""
-        scales, gaps = self._staged_gaps(line, rows)
+        direction whose secant root is nearer 0 (per row ``direction`` 1 or -1: that way
+        only, 0: both)."""
+        scales, gaps = self._staged_gaps(line, rows, direction)
         ahead = _Bracket.of(scales, gaps, zero_gap, 1.0)
         back = _Bracket.of(scales, gaps, zero_gap, -1.0)
         reverse = back.found & (~ahead.found | (back.root() < ahead.root()))
@@ -585,10 +586,10 @@ class AmortizedSolver:
         return bracket, np.where(reverse, -1.0, 1.0)
 
     def _staged_gaps(
-        self, line: _Line, rows: npt.NDArray[np.int64]
+        self, line: _Line, rows: npt.NDArray[np.int64], direction: FloatArray
     ) -> tuple[FloatArray, FloatArray]:
         """The scales of :data:`LARGE_STAGES` by size and, per row, the logit gaps at them
-        (nan where a stage was skipped)."""
+        (nan where a stage or a ``direction`` was skipped)."""
         n = len(rows)
         scales = np.concatenate(LARGE_STAGES)
         gaps = np.full((n, len(scales)), np.nan)
@@ -598,9 +599,11 @@ class AmortizedSolver:
             people = np.flatnonzero(pending)
             if not people.size:
                 break
-            stage_rows = np.tile(rows[people], len(stage))
-            stage_gaps = self._gaps(line, stage_rows, np.repeat(stage, len(people)))
-            stage_gaps = stage_gaps.reshape(len(stage), len(people)).T
+            wanted = (direction[people] == 0) | (direction[people] == np.sign(stage)[:, None])
+            scale_of, person_of = np.nonzero(wanted)
+            stage_gaps = np.full((len(stage), len(people)), np.nan)
+            stage_gaps[wanted] = self._gaps(line, rows[people[person_of]], stage[scale_of])
+            stage_gaps = stage_gaps.T
             gaps[people, offset : offset + len(stage)] = stage_gaps
             accepted = stage_gaps >= 0
             extreme = np.abs(stage) >= GRID_REACH
@@ -616,12 +619,12 @@ class AmortizedSolver:
 
     def _gaps(self, line: _Line, rows: npt.NDArray[np.int64], t: FloatArray) -> FloatArray:
         """:meth:`_gap` of line row ``rows[i]`` at scale ``t[i]``."""
-        return line_gaps(
-            self._search_model,
+        return line_gaps(self._search_model, self._lines(line), rows, t)
+
+    def _lines(self, line: _Line) -> Lines:
+        return Lines(
             line.table,
             line.intervene,
-            rows,
-            t,
             self.columns,
             self.amortizer.spec.integer,
             self._search_model.threshold + FLOAT32_MARGIN,
@@ -738,6 +741,28 @@ class _Candidates(NamedTuple):
     patterns: npt.NDArray[np.int64]
     allowed: BoolArray
     """Whether the pattern is allowed (else an empty mask)."""
+
+
+class _Priced(NamedTuple):
+    """Candidate actions before verification, a row each: the person's factual row, noise
+    and constraints, the features set and their values (every column), and the cost."""
+
+    x: FloatArray
+    noise: FloatArray
+    constraints: ConstraintArrays
+    intervene: BoolArray
+    values: FloatArray
+    cost: FloatArray
+
+    def take(self, rows: npt.NDArray[np.int64] | BoolArray) -> _Priced:
+        return _Priced(
+            self.x[rows],
+            self.noise[rows],
+            self.constraints.take(rows),
+            self.intervene[rows],
+            self.values[rows],
+            self.cost[rows],
+        )
 
 
 @dataclass(frozen=True, eq=False)

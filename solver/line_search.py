@@ -10,9 +10,11 @@ that brackets nothing, then regula falsi), each a pass through the causal model'
 program and the classifier's layers: numpy would pay a call per operation on a single
 row, so everything runs in one jitted loop over the people.
 
-Large batches search in numpy, vectorized over many lines; their evaluation, a step of
-many rows, is compiled here too (:func:`line_gaps`: gather, projection, propagation and
-the classifier in float32, a block of rows at a time).
+Large batches search many lines in rounds, each round one evaluation of every line still
+moving: the rounds of extending the secant (:func:`extrapolate`) and of regula falsi
+(:func:`refine_brackets`) are compiled here, with the evaluation they call
+(:func:`line_gaps`: gather, projection, propagation of the features an action can reach,
+and the classifier in float32, a block of rows at a time, each layer one matrix product).
 
 The classifier here is the real one with its standardization folded into the first layer
 (float64, or float32 for large batches), so its logit can differ from
@@ -48,8 +50,12 @@ SCAN_SCALES = np.array(
 """Sizes tried outwards in a direction the secant did not bracket, until one is accepted:
 the far ones serve lines whose proposed change is much too small (most of them corners,
 a feature alone doing the work of two)."""
-EXTRAPOLATIONS = 3
+EXTRAPOLATIONS = 8
 """Steps of the secant past a rejected proposal before scanning."""
+EXTRAPOLATION_AIM = 0.05
+"""Relative step past the extended secant's root: the logit flattens along most lines (an
+effect that saturates, a feature reaching its interval end), where aiming at the root
+lands short step after step, and an integer feature needs a step to its next value."""
 SECANT_AIM = 5e-4
 """Relative step past the secant's root, so that a linear piece lands on the accepted side."""
 SECANT_TOLERANCE = 2e-3
@@ -57,6 +63,9 @@ SECANT_TOLERANCE = 2e-3
 REFINEMENTS = 24
 """Most evaluations refining one bracket (integer features make the logit a staircase,
 where the secant alone can stall; every third step bisects)."""
+SECANT_ROUNDS = 6
+"""Large batches: most refinements of a bracket by the secant of its logits (regula
+falsi, one evaluation a round for all brackets)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,12 +84,25 @@ class SearchModel:
     one_hot: IntArray
     """Per feature its one-hot group (0, 1, ...) or -1: a group must have exactly one 1."""
     groups: int
+    downstream: BoolArray
+    """Per feature whether it has an actionable ancestor: the others keep their factual
+    values under any action, which the large-batch search reads instead of running their
+    equations."""
 
     @functools.cached_property
-    def network32(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], IntArray]:
-        """The layers in float32, for the large-batch search (many rows: 8 lanes a
-        vector)."""
-        return self.weights.astype(np.float32), self.biases.astype(np.float32), self.widths
+    def network32(
+        self,
+    ) -> tuple[npt.NDArray[np.float32], IntArray, npt.NDArray[np.float32], IntArray]:
+        """The layers in float32 for the large-batch search, where BLAS multiplies a block
+        of rows at a time: layer l's ``outputs x inputs`` weights, C-ordered, at
+        ``flat[offsets[l]:offsets[l + 1]]``; its biases in ``biases[l]``; the widths."""
+        blocks = [
+            self.weights[layer, : self.widths[layer], : self.widths[layer + 1]].T.ravel()
+            for layer in range(len(self.widths) - 1)
+        ]
+        offsets = np.cumsum([0] + [len(block) for block in blocks]).astype(np.int64)
+        flat = np.concatenate(blocks).astype(np.float32)
+        return flat, offsets, self.biases.astype(np.float32), self.widths
 
     @classmethod
     def of(cls, scm: StructuralCausalModel, classifier: Classifier, margin: float) -> SearchModel:
@@ -107,6 +129,7 @@ class SearchModel:
             classifier.logit_threshold + margin,
             one_hot,
             len(scm.one_hot),
+            scm.ancestor_matrix()[:, scm.actionable_columns].any(axis=1),
         )
 
 
@@ -343,7 +366,8 @@ def _search_line(model, scratch, row):
             near, near_gap = lo[d], lo_gap[d]
             if hi[d] < np.inf or near_gap <= far_gap:
                 break
-            guess = near - near_gap * (near - far) / (near_gap - far_gap) * (1.0 + SECANT_AIM)
+            rise = (near_gap - far_gap) / (1.0 + EXTRAPOLATION_AIM)
+            guess = near - near_gap * (near - far) / rise
             if guess > SCAN_SCALES[-1] or guess >= _root_estimate(lo, lo_gap, hi, hi_gap, 1 - d):
                 break
             gap = _gap(model, scratch, row, sign * guess)
@@ -459,27 +483,199 @@ def _gap(model, scratch, row, t):
     return current[0] - threshold
 
 
-def line_gaps(
-    model: SearchModel,
-    table: FloatArray,
-    intervene: BoolArray,
-    rows: IntArray,
-    t: FloatArray,
-    columns: IntArray,
-    integer: BoolArray,
-    threshold: float,
-) -> FloatArray:
+class Lines(NamedTuple):
+    """The rows of a large-batch line search, as its kernels read them."""
+
+    table: FloatArray
+    """Per line row its factual row, noise, start, step, lower and upper ends side by side
+    (the values at scale t: ``start + t step``, projected)."""
+    intervene: BoolArray
+    """Per line row the features set."""
+    columns: IntArray
+    """The actionable features' columns."""
+    integer: BoolArray
+    """Which actionable features take whole numbers."""
+    threshold: float
+    """Accepted where the float32 logit is at least this."""
+
+
+def _kernel_arguments(model: SearchModel, lines: Lines) -> tuple:
+    """The leading arguments of :func:`_line_gaps` and the kernels that call it."""
+    program = model.program
+    return (program.value_code, program.depth, model.downstream, model.network32, *lines)
+
+
+def line_gaps(model: SearchModel, lines: Lines, rows: IntArray, t: FloatArray) -> FloatArray:
     """The large-batch search's evaluation: line row ``rows[i]`` at scale ``t[i]``, its
     values projected (clipped, whole where required), through the causal model and the
-    classifier in float32: its logit minus ``threshold`` (>= 0: accepted). ``table``
-    holds per line row its factual row, noise, start, step, lower and upper ends side by
-    side; ``intervene`` its features set."""
+    classifier in float32: its logit minus the threshold (>= 0: accepted)."""
     gaps = np.empty(len(rows))
-    _line_gaps(
-        model.program.value_code, model.program.depth, model.network32, table, intervene,
-        rows, t, columns, integer, threshold, gaps,
-    )  # fmt: skip
+    _line_gaps(*_kernel_arguments(model, lines), rows, t, gaps)
     return gaps
+
+
+def extrapolate(
+    model: SearchModel,
+    lines: Lines,
+    rows: IntArray,
+    secant: tuple[FloatArray, FloatArray, FloatArray, FloatArray],
+    sign: FloatArray,
+    bracket: tuple[FloatArray, FloatArray, FloatArray, FloatArray, BoolArray],
+) -> BoolArray:
+    """The large-batch secant extension, on line rows ``rows`` (rejected so far, the logit
+    rising in direction ``sign``): up to :data:`EXTRAPOLATIONS` steps past the root of the
+    secant through the last two rejected sizes (``secant``: ``near``, ``near_gap``, ``far``,
+    ``far_gap``, the later first), each row's step one evaluation of a call per round. A
+    row accepted gets its ``bracket`` (``lo``, ``lo_gap``, ``hi``, ``hi_gap``, ``found``;
+    all updated in place, as ``secant``). Returns per line row whether the direction is
+    exhausted: rejected where every moving feature sits at its interval end."""
+    exhausted = np.zeros(len(lines.table), dtype=bool)
+    _extrapolate(*_kernel_arguments(model, lines), rows, *secant, sign, *bracket, exhausted)
+    return exhausted
+
+
+@numba.njit(**_JIT)
+def _extrapolate(
+    value_code, depth, downstream, network, table, intervene, columns, integer, threshold,
+    rows, near, near_gap, far, far_gap, sign, lo, lo_gap, hi, hi_gap, found, exhausted,
+):  # fmt: skip
+    f, k = intervene.shape[1], len(columns)
+    live = rows.copy()  # the rows still rising, compacted each round
+    count = len(live)
+    reach = np.empty(len(near))
+    for i in live:
+        reach[i] = _reach(table, i, sign[i], f, k)
+    guesses, probe_t, gaps = np.empty(count), np.empty(count), np.empty(count)
+    for _ in range(EXTRAPOLATIONS):
+        moving = 0
+        for j in range(count):
+            i = live[j]
+            p, gp = near[i], near_gap[i]
+            guess = min(p - gp * (p - far[i]) / (gp - far_gap[i]) * (1.0 + EXTRAPOLATION_AIM),
+                        reach[i])  # fmt: skip
+            if guess <= p:
+                exhausted[i] = True
+            elif guess <= SCAN_SCALES[-1]:
+                live[moving], guesses[moving], probe_t[moving] = i, guess, sign[i] * guess
+                moving += 1
+        count = moving
+        if count == 0:
+            return
+        _line_gaps(
+            value_code, depth, downstream, network, table, intervene, columns, integer,
+            threshold, live[:count], probe_t[:count], gaps[:count],
+        )  # fmt: skip
+        moving = 0
+        for j in range(count):
+            i, guess, gap = live[j], guesses[j], gaps[j]
+            if gap >= 0.0:
+                found[i] = True
+                lo[i], lo_gap[i], hi[i], hi_gap[i] = near[i], near_gap[i], guess, gap
+            elif guess >= reach[i]:
+                exhausted[i] = True
+            elif gap > near_gap[i]:
+                far[i], far_gap[i] = near[i], near_gap[i]
+                near[i], near_gap[i] = guess, gap
+                live[moving] = i
+                moving += 1
+        count = moving
+
+
+@numba.njit(inline="always", **_JIT)
+def _reach(table, row, sign, f, k):
+    """The scale in direction ``sign`` from which every moving feature of line row ``row``
+    sits at its interval end, so that its counterfactual no longer changes (inf where a
+    feature never gets there)."""
+    scale = 0.0
+    for c in range(k):
+        d = table[row, 2 * f + k + c] * sign
+        if d != 0.0:
+            end = table[row, 2 * f + 3 * k + c] if d > 0.0 else table[row, 2 * f + 2 * k + c]
+            scale = max(scale, (end - table[row, 2 * f + c]) / d)
+    return scale
+
+
+def refine_brackets(
+    model: SearchModel,
+    lines: Lines,
+    bracket: tuple[FloatArray, FloatArray, FloatArray, FloatArray, BoolArray],
+    sign: FloatArray,
+    rows: IntArray,
+) -> FloatArray:
+    """The large-batch refinement: per bracket (``lo``, ``lo_gap``, ``hi``, ``hi_gap``,
+    ``found``: on line row ``rows[i]`` in direction ``sign[i]``, a size rejected and one
+    accepted, with their gaps), the smallest accepted size regula falsi finds in
+    :data:`SECANT_ROUNDS` rounds of one evaluation each (inf where none was found), every
+    moving bracket's evaluation in one call per round."""
+    lo, lo_gap, hi, hi_gap, found = (np.array(a) for a in bracket)  # updated in place
+    size = np.full(len(lo), np.inf)
+    _refine_brackets(
+        *_kernel_arguments(model, lines), lo, lo_gap, hi, hi_gap, found, sign, rows, size
+    )
+    return size
+
+
+@numba.njit(**_JIT)
+def _refine_brackets(
+    value_code, depth, downstream, network, table, intervene, columns, integer, threshold,
+    lo, lo_gap, hi, hi_gap, found, sign, rows, size,
+):  # fmt: skip
+    live = np.flatnonzero(found)  # the brackets still moving, compacted each round
+    count = len(live)
+    moved = np.zeros(len(lo), dtype=np.int8)  # 1: hi moved last, -1: lo moved last
+    probe_rows, probe_t = np.empty(count, dtype=np.int64), np.empty(count)
+    aims, gaps = np.empty(count), np.empty(count)
+    for _ in range(SECANT_ROUNDS):
+        moving = 0
+        for j in range(count):
+            i = live[j]
+            size[i] = hi[i]
+            aim = _secant_root(lo[i], lo_gap[i], hi[i], hi_gap[i]) * (1.0 + SECANT_AIM)
+            if aim < hi[i] * (1.0 - SECANT_TOLERANCE):
+                live[moving] = i
+                aims[moving] = min(max(aim, lo[i]), hi[i])
+                probe_rows[moving], probe_t[moving] = rows[i], sign[i] * aims[moving]
+                moving += 1
+        count = moving
+        if count == 0:
+            return
+        _line_gaps(
+            value_code, depth, downstream, network, table, intervene, columns, integer,
+            threshold, probe_rows[:count], probe_t[:count], gaps[:count],
+        )  # fmt: skip
+        for j in range(count):
+            i, u, gap = live[j], aims[j], gaps[j]
+            hi_moves = gap >= 0.0
+            lo_moves = not hi_moves and lo[i] < u < hi[i]
+            # Illinois: an end that stays twice has its gap halved, against one-sided
+            # convergence where the logit bends.
+            one_sided = hi_moves != lo_moves
+            if lo_moves:
+                lo[i], lo_gap[i] = u, gap
+            elif one_sided and moved[i] == 1:
+                lo_gap[i] *= 0.5
+            if hi_moves:
+                hi[i], hi_gap[i] = u, gap
+            elif one_sided and moved[i] == -1:
+                hi_gap[i] *= 0.5
+            moved[i] = (1 if hi_moves else -1) if one_sided else 0
+    for j in range(count):
+        size[live[j]] = hi[live[j]]
+
+
+def cheapest_rows(cost: FloatArray, owner: IntArray) -> IntArray:
+    """Per owner (ascending) with a finite cost, its row of the least cost (of equal
+    costs, the first)."""
+    best = np.full(owner.max(initial=-1) + 1, -1, dtype=np.int64)
+    _cheapest_rows(cost, owner, best)
+    return best[best >= 0]
+
+
+@numba.njit(**_JIT)
+def _cheapest_rows(cost, owner, best):
+    for row in range(len(cost)):
+        if np.isfinite(cost[row]) and (best[owner[row]] < 0 or cost[row] < cost[best[owner[row]]]):
+            best[owner[row]] = row
 
 
 def row_gaps(model: SearchModel, x: FloatArray, threshold: float) -> FloatArray:
@@ -492,7 +688,8 @@ def row_gaps(model: SearchModel, x: FloatArray, threshold: float) -> FloatArray:
 
 @numba.njit(**_JIT)
 def _line_gaps(
-    value_code, depth, network, table, intervene, rows, t, columns, integer, threshold, gaps
+    value_code, depth, downstream, network, table, intervene, columns, integer, threshold,
+    rows, t, gaps,
 ):  # fmt: skip
     """:func:`line_gaps` into ``gaps``: gather, projection, propagation and the layers
     fused, a block of rows at a time (the interpreter of :mod:`models.programs`)."""
@@ -501,64 +698,64 @@ def _line_gaps(
     slots = np.empty((2 * f, BLOCK))
     stack = np.empty((depth, BLOCK))
     values = np.empty((f, BLOCK))
-    activations = np.empty((2, network[2].max(), BLOCK), dtype=np.float32)
+    inputs = np.zeros((f, BLOCK), dtype=np.float32)  # zeros: BLAS reads whole blocks
     for first in range(0, len(rows), BLOCK):
         m = min(BLOCK, len(rows) - first)
         for r in range(m):
             row = rows[first + r]
-            for j in range(f):
-                slots[f + j, r] = table[row, f + j]
+            for j in range(f):  # the factual value where no action reaches, else the noise
+                slots[j if not downstream[j] else f + j, r] = table[row, j + f * downstream[j]]
             for c in range(k):
                 start, step = table[row, 2 * f + c], table[row, 2 * f + k + c]
                 lower, upper = table[row, 2 * f + 2 * k + c], table[row, 2 * f + 3 * k + c]
                 values[columns[c], r] = _projected(start + t[first + r] * step, lower, upper,
                                                    integer[c])  # fmt: skip
         for j in range(f):
-            run_program(ops, operands, args, consts, value_start[j], value_start[j + 1],
-                        slots, stack, m)  # fmt: skip
+            if downstream[j]:
+                run_program(ops, operands, args, consts, value_start[j], value_start[j + 1],
+                            slots, stack, m)  # fmt: skip
             for r in range(m):
-                set_here = intervene[rows[first + r], j]
-                slots[j, r] = values[j, r] if set_here else stack[0, r]
+                if intervene[rows[first + r], j]:
+                    slots[j, r] = values[j, r]
+                elif downstream[j]:
+                    slots[j, r] = stack[0, r]
         for j in range(f):
             for r in range(m):
-                activations[1, j, r] = slots[j, r]
-        _layers(network, activations, m, threshold, gaps[first : first + m])
+                inputs[j, r] = slots[j, r]
+        _layers(network, inputs, m, threshold, gaps[first : first + m])
 
 
 @numba.njit(**_JIT)
 def _row_gaps(network, x, threshold, gaps):
     """:func:`row_gaps` into ``gaps``, a block of rows at a time."""
-    activations = np.empty((2, network[2].max(), BLOCK), dtype=np.float32)
+    inputs = np.zeros((x.shape[1], BLOCK), dtype=np.float32)
     for first in range(0, len(x), BLOCK):
         m = min(BLOCK, len(x) - first)
         for j in range(x.shape[1]):
             for r in range(m):
-                activations[1, j, r] = x[first + r, j]
-        _layers(network, activations, m, threshold, gaps[first : first + m])
+                inputs[j, r] = x[first + r, j]
+        _layers(network, inputs, m, threshold, gaps[first : first + m])
 
 
 @numba.njit(**_JIT)
-def _layers(network, activations, m, threshold, gaps):
-    """The classifier on the first ``m`` columns of ``activations[1]`` (one row per
-    input), ReLU between layers, layer l writing ``activations[l % 2]``; ``gaps``: the
-    logits minus ``threshold``. The loops run along the rows, 8 float32 lanes at once."""
-    weights, biases, widths = network
+def _layers(network, inputs, m, threshold, gaps):
+    """The classifier on the first ``m`` columns of ``inputs`` (one row per input), ReLU
+    between layers; ``gaps``: the logits minus ``threshold``. Each layer is one matrix
+    product over the whole block."""
+    flat, offsets, biases, widths = network
     last = len(widths) - 2
+    activations = inputs
     for layer in range(last + 1):
-        source, target = activations[(layer + 1) % 2], activations[layer % 2]
-        for o in range(widths[layer + 1]):
+        n_in, n_out = widths[layer], widths[layer + 1]
+        weights = flat[offsets[layer] : offsets[layer + 1]].reshape((n_out, n_in))
+        activations = np.dot(weights, activations)
+        for o in range(n_out):
             bias = biases[layer, o]
-            for r in range(m):
-                target[o, r] = bias
-        for i in range(widths[layer]):
-            for o in range(widths[layer + 1]):
-                weight = weights[layer, i, o]
+            if layer < last:
                 for r in range(m):
-                    target[o, r] += source[i, r] * weight
-        if layer < last:
-            for o in range(widths[layer + 1]):
+                    activations[o, r] = max(activations[o, r] + bias, np.float32(0.0))
+            else:
                 for r in range(m):
-                    target[o, r] = max(target[o, r], np.float32(0.0))
-    logits = activations[last % 2]
+                    activations[o, r] += bias
     for r in range(m):
-        gaps[r] = np.float64(logits[0, r]) - threshold
+        gaps[r] = np.float64(activations[0, r]) - threshold

@@ -43,9 +43,9 @@ from models.costs import CostProfile
 from models.elicitation import PreferenceElicitor
 from models.preferences import ConstraintArrays, parse_constraints
 from models.scm import VariableType
+from solver import line_search
 from solver.amortized import (
     MAX_PATTERNS,
-    SECANT_TOLERANCE,
     SMALL_BATCH,
     THREADED_PEOPLE,
     AmortizedBatch,
@@ -57,7 +57,16 @@ from solver.amortized import (
 from solver.cli import main
 from solver.engine import RecourseSolver
 from solver.labels import LabelJob, run_job, sample_population
-from solver.line_search import SearchModel, small_batch
+from solver.line_search import (
+    SECANT_TOLERANCE,
+    Lines,
+    SearchModel,
+    cheapest_rows,
+    extrapolate,
+    line_gaps,
+    refine_brackets,
+    small_batch,
+)
 from solver.milp import SolveStatus
 from solver.verify import hard_constraints_hold, verify_action
 
@@ -549,6 +558,134 @@ def test_the_small_batch_search_answers_each_person_alone(
     full_values = x.copy()
     full_values[:, solver.columns] = values
     assert hard_constraints_hold(scm, arrays, intervene, full_values).all()
+
+
+# -- the large-batch path ----------------------------------------------------------------
+
+
+def random_lines(solver: AmortizedSolver, n: int, seed: int) -> tuple[Lines, np.ndarray]:
+    """``n`` lines from random people: each changes one to three of the actionable
+    features a random amount from their current values, within the people's intervals.
+    Returns them and the people's rows."""
+    scm = solver.scm
+    _, _, x, people = people_and_constraints(scm.name, solver.classifier.kind, n, seed)
+    arrays = ConstraintArrays.from_constraints(scm, x, people)
+    rng = np.random.default_rng(seed)
+    columns = solver.columns
+    mask = rng.random((n, len(columns))) < 0.4
+    mask[np.arange(n), rng.integers(len(columns), size=n)] = True
+    step = np.where(mask, rng.normal(0, 1, mask.shape) * solver.amortizer.spec.actionable_scale, 0)
+    intervene = np.zeros(x.shape, dtype=bool)
+    intervene[:, columns] = mask
+    noise = scm.abduct_noise(x)
+    table = np.hstack([x, noise, x[:, columns], step, arrays.lower, arrays.upper])
+    threshold = solver._search_model.threshold
+    return Lines(table, intervene, columns, solver.amortizer.spec.integer, threshold), x
+
+
+def projected(lines: Lines, rows: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Line rows ``rows`` at scales ``t``: their features' values, projected."""
+    f, k = lines.intervene.shape[1], len(lines.columns)
+    start, step, lower, upper = (
+        lines.table[rows, 2 * f + i * k : 2 * f + (i + 1) * k] for i in range(4)
+    )
+    values = np.minimum(np.maximum(start + t[:, None] * step, lower), upper)
+    return np.where(lines.integer, np.round(values), values)
+
+
+@pytest.mark.parametrize(("dataset", "kind"), SEARCHED)
+def test_line_gaps_follow_the_full_causal_model_and_classifier(
+    trained: Amortizer, dataset: str, kind: str
+) -> None:
+    # The evaluation reads the factual values of the features no action reaches and runs
+    # the equations of the others: the counterfactual of the whole model, through the real
+    # classifier, up to float32.
+    solver = searching_solver(trained, dataset, kind)
+    lines, x = random_lines(solver, 500, 31)
+    rows = np.repeat(np.arange(500), 3)
+    t = np.random.default_rng(31).uniform(-3, 3, len(rows))
+    gaps = line_gaps(solver._search_model, lines, rows, t)
+    values = x[rows].copy()
+    values[:, solver.columns] = projected(lines, rows, t)
+    f = x.shape[1]
+    counterfactual = solver.scm.propagate_counterfactual(
+        x[rows], lines.intervene[rows], values, lines.table[rows, f : 2 * f]
+    )
+    expected = solver.classifier.logit(counterfactual) - lines.threshold
+    assert gaps == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+@pytest.mark.parametrize(("dataset", "kind"), SEARCHED)
+def test_extrapolated_and_refined_brackets_hold_and_exhausted_lines_stop_changing(
+    trained: Amortizer, dataset: str, kind: str
+) -> None:
+    solver = searching_solver(trained, dataset, kind)
+    model = solver._search_model
+    lines, _ = random_lines(solver, 600, 32)
+    n = 600
+    zero = line_gaps(model, lines, np.arange(n), np.zeros(n))
+    one = line_gaps(model, lines, np.arange(n), np.ones(n))
+    rows = np.flatnonzero((zero < 0) & (one < 0) & (one > zero))  # rejected, rising forwards
+    assert len(rows) > 30
+    near, near_gap, far, far_gap = np.ones(n), one.copy(), np.zeros(n), zero.copy()
+    sign = np.ones(n)
+    lo, lo_gap, hi, hi_gap = np.zeros(n), zero.copy(), np.ones(n), one.copy()
+    found = np.zeros(n, dtype=bool)
+    exhausted = extrapolate(
+        model, lines, rows, (near, near_gap, far, far_gap), sign, (lo, lo_gap, hi, hi_gap, found)
+    )
+    assert found.any() and exhausted.any()
+    assert not (found & exhausted).any()
+    # A bracket is rejected at lo and accepted at hi, with the gaps it records.
+    kept = np.flatnonzero(found)
+    assert (line_gaps(model, lines, kept, lo[kept]) < 0).all()
+    assert_same_bits((line_gaps(model, lines, kept, hi[kept]),), (hi_gap[kept],))
+    # An exhausted line is rejected at its reach and stays the same beyond it.
+    out = np.flatnonzero(exhausted)
+    f, k = lines.intervene.shape[1], len(lines.columns)
+    reach = np.array([line_search._reach(lines.table, i, 1.0, f, k) for i in out])
+    at_reach = line_gaps(model, lines, out, reach)
+    assert (at_reach < 0).all()
+    assert_same_bits((line_gaps(model, lines, out, 2 * reach + 7),), (at_reach,))
+    # Refinement keeps to the bracket and to accepted sizes.
+    size = refine_brackets(model, lines, (lo, lo_gap, hi, hi_gap, found), sign, np.arange(n))
+    assert np.isinf(size[~found]).all()
+    assert ((size[kept] >= lo[kept]) & (size[kept] <= hi[kept])).all()
+    assert (line_gaps(model, lines, kept, size[kept]) >= 0).all()
+    assert (size[kept] < hi[kept]).mean() > 0.5
+
+
+def test_cheapest_rows_take_the_first_of_the_least_cost_per_owner() -> None:
+    cost = np.array([3.0, 1.0, np.inf, 1.0, 2.0, np.nan, 5.0, 0.5])
+    owner = np.array([0, 0, 1, 0, 2, 2, 4, 4])
+    assert cheapest_rows(cost, owner).tolist() == [1, 4, 7]
+    assert cheapest_rows(np.full(3, np.inf), np.arange(3)).size == 0
+
+
+@pytest.mark.parametrize(("dataset", "kind"), SEARCHED)
+def test_verifying_the_cheapest_first_answers_as_verifying_every_candidate(
+    trained: Amortizer, dataset: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    solver = searching_solver(trained, dataset, kind)
+    scm, _, x, people = people_and_constraints(dataset, kind, 400, 33)
+    arrays = ConstraintArrays.from_constraints(scm, x, people)
+    lazy = solver.predict(x, arrays)
+
+    def verify_all(self, priced, owner, eligible):  # every row verified, then the cheapest
+        check = self._checked(priced)
+        cost = np.where(eligible & check.verified, priced.cost, np.inf)
+        order = np.lexsort((np.arange(len(cost)), cost, owner))
+        first = order[np.flatnonzero(np.diff(owner[order], prepend=-1))]
+        first = first[np.isfinite(cost[first])]
+        return owner[first], check.take(first)
+
+    monkeypatch.setattr(AmortizedSolver, "_cheapest_verified", verify_all)
+    eager = solver.predict(x, arrays)
+    for name in ("intervene", "values", "counterfactual", "cost", "verified"):
+        assert getattr(lazy, name).tobytes() == getattr(eager, name).tobytes(), name
+    # The classifier's matrix products round by the shape of the batch verified at once.
+    assert lazy.probability == pytest.approx(eager.probability, rel=1e-12, abs=1e-15)
+    assert lazy.verified.mean() > 0.5
 
 
 # -- training ----------------------------------------------------------------------------
