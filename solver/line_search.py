@@ -607,7 +607,7 @@ def refine_brackets(
     accepted, with their gaps), the smallest accepted size regula falsi finds in
     :data:`SECANT_ROUNDS` rounds of one evaluation each (inf where none was found), every
     moving bracket's evaluation in one call per round."""
-    lo, lo_gap, hi, hi_gap, found = (np.array(a) for a in bracket)  # updated in place
+    lo, lo_gap, hi, hi_gap, found = (np.array(a) for a in bracket)  # copies, moved in place
     size = np.full(len(lo), np.inf)
     _refine_brackets(
         *_kernel_arguments(model, lines), lo, lo_gap, hi, hi_gap, found, sign, rows, size
