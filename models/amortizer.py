@@ -244,6 +244,32 @@ def _scored_rows(
             changed[i, k] = x[i, columns[k]] + outputs[i, num_patterns + k] * sd[k]
 
 
+@numba.njit(**_JIT)
+def _top_rows(logits, ranked, chances):
+    """:meth:`PatternScores.top` into ``ranked`` and ``chances``, a row at a time: the best
+    patterns by selection (a few of many), the probabilities by the softmax over all."""
+    taken = np.zeros(logits.shape[1], dtype=np.bool_)
+    for i in range(len(logits)):
+        taken[:] = False
+        for r in range(ranked.shape[1]):
+            best = -1
+            for j in range(logits.shape[1]):
+                if not taken[j] and (best < 0 or logits[i, j] > logits[i, best]):
+                    best = j
+            taken[best] = True
+            ranked[i, r] = best
+        top = logits[i, ranked[i, 0]]
+        if not np.isfinite(top):
+            top = 0.0
+        total = 0.0
+        for j in range(logits.shape[1]):
+            total += np.exp(logits[i, j] - top)  # exp(-inf) = 0 for the patterns not allowed
+        if total == 0.0:
+            total = 1.0
+        for r in range(ranked.shape[1]):
+            chances[i, r] = np.exp(logits[i, ranked[i, r]] - top) / total
+
+
 # -- the model ---------------------------------------------------------------------------
 
 
@@ -765,29 +791,3 @@ def load_amortizer(folder: Path) -> Amortizer:
             f"{outputs} outputs expected."
         )
     return Amortizer(spec, Network(layers))
-
-
-@numba.njit(**_JIT)
-def _top_rows(logits, ranked, chances):
-    """:meth:`PatternScores.top` into ``ranked`` and ``chances``, a row at a time: the best
-    patterns by selection (a few of many), the probabilities by the softmax over all."""
-    taken = np.zeros(logits.shape[1], dtype=np.bool_)
-    for i in range(len(logits)):
-        taken[:] = False
-        for r in range(ranked.shape[1]):
-            best = -1
-            for j in range(logits.shape[1]):
-                if not taken[j] and (best < 0 or logits[i, j] > logits[i, best]):
-                    best = j
-            taken[best] = True
-            ranked[i, r] = best
-        top = logits[i, ranked[i, 0]]
-        if not np.isfinite(top):
-            top = 0.0
-        total = 0.0
-        for j in range(logits.shape[1]):
-            total += np.exp(logits[i, j] - top)  # exp(-inf) = 0 for the patterns not allowed
-        if total == 0.0:
-            total = 1.0
-        for r in range(ranked.shape[1]):
-            chances[i, r] = np.exp(logits[i, ranked[i, r]] - top) / total

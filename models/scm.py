@@ -376,7 +376,8 @@ class StructuralCausalModel:
         """Features from exogenous noise, in topological order (the observational model)."""
         noise = np.ascontiguousarray(np.atleast_2d(noise), dtype=float)
         x = np.empty_like(noise)
-        self.program.propagate(x, np.zeros(x.shape, dtype=bool), x, noise)
+        nothing_set = np.zeros(x.shape, dtype=bool)  # so the values (x itself) are never read
+        self.program.propagate(x, nothing_set, x, noise)
         return x
 
     def sample(self, n: int, seed: int | np.random.Generator) -> tuple[FloatArray, FloatArray]:

@@ -277,7 +277,7 @@ class AmortizedSolver:
         first = _Candidates(person, ranked[person, ranks], chances[ranks, person] > 0)
         factual_gap = self._gap(x)[person]
         attempt = self._attempt(x, noise, constraints, scores.changed, first, factual_gap)
-        served, found = self._cheapest_verified(attempt, person, np.ones(len(person), bool))
+        served, found = self._cheapest_verified(attempt, person)
         # A person none of whose candidates passed keeps the best pattern's answer (its
         # row is the person's own) and tries the next patterns, one at a time.
         unserved = np.ones(n, dtype=bool)
@@ -300,9 +300,7 @@ class AmortizedSolver:
                 _Candidates(failed, ranked[failed, rank], chances[rank, failed] > 0),
                 self._gap(x[failed]),
             )
-            served, found = self._cheapest_verified(
-                retry, np.arange(len(failed)), np.ones(len(failed), bool)
-            )
+            served, found = self._cheapest_verified(retry, np.arange(len(failed)))
             settled[failed[served]] = True
             answer = answer.updated(failed[served], found)
         answer = self._two_feature_vertices(x, noise, constraints, answer)
@@ -465,13 +463,16 @@ class AmortizedSolver:
         )
 
     def _cheapest_verified(
-        self, priced: _Priced, owner: npt.NDArray[np.int64], eligible: BoolArray
+        self,
+        priced: _Priced,
+        owner: npt.NDArray[np.int64],
+        eligible: BoolArray | None = None,
     ) -> tuple[npt.NDArray[np.int64], AmortizedBatch]:
-        """Per owner, the cheapest of its ``eligible`` rows that passes verification (of
-        equal costs, the first row): each owner's cheapest verified first, its next where
-        that fails, so that most rows are never verified. Returns the owners served and
-        their answers, in that order."""
-        cost = np.where(eligible, priced.cost, np.inf)
+        """Per owner, the cheapest of its ``eligible`` rows (default: all) that passes
+        verification (of equal costs, the first row): each owner's cheapest verified first,
+        its next where that fails, so that most rows are never verified. Returns the owners
+        served and their answers, in that order."""
+        cost = priced.cost.copy() if eligible is None else np.where(eligible, priced.cost, np.inf)
         served, answers = [np.zeros(0, dtype=np.int64)], []
         done = np.zeros(owner.max(initial=-1) + 1, dtype=bool)
         while True:

@@ -671,8 +671,9 @@ def test_verifying_the_cheapest_first_answers_as_verifying_every_candidate(
     arrays = ConstraintArrays.from_constraints(scm, x, people)
     lazy = solver.predict(x, arrays)
 
-    def verify_all(self, priced, owner, eligible):  # every row verified, then the cheapest
+    def verify_all(self, priced, owner, eligible=None):  # every row verified, then the cheapest
         check = self._checked(priced)
+        eligible = np.ones(len(owner), dtype=bool) if eligible is None else eligible
         cost = np.where(eligible & check.verified, priced.cost, np.inf)
         order = np.lexsort((np.arange(len(cost)), cost, owner))
         first = order[np.flatnonzero(np.diff(owner[order], prepend=-1))]
